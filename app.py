@@ -1,0 +1,68 @@
+"""Attention Atlas: navigation and the sidebar where a model and a text are chosen."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from backend.analyses import AnalysisRequest
+from backend.examples import DEFAULT_EXAMPLE, EXAMPLES
+from backend.models import DEFAULT_CAUSAL, PACKAGED
+from pages import shared
+
+OTHER_MODEL = "other"
+MODEL_LABELS = {**{alias: f"{m.label} (offline)" for alias, m in PACKAGED.items()},
+                OTHER_MODEL: "Other: hub id, local folder or .gguf file"}
+
+
+def _load_example() -> None:
+    model, text = EXAMPLES[st.session_state["example"]]
+    st.session_state.update(model_choice=model, text=text)
+
+
+def _sync_inputs_with(aid: str | None) -> None:
+    """When a link opens another analysis, show its model and text in the sidebar."""
+    if not aid or st.session_state.get("inputs_for") == aid:
+        return
+    st.session_state["inputs_for"] = aid
+    try:
+        record = shared.service().analysis(aid)
+    except Exception:  # malformed or unknown ids are reported by the page itself
+        return
+    known = record.model in PACKAGED
+    st.session_state.update(model_choice=record.model if known else OTHER_MODEL,
+                            text=record.text, other_model="" if known else record.model)
+
+
+def sidebar() -> None:
+    aid = shared.current_analysis_id()
+    if aid is None and "job_id" not in st.session_state and "submit_error" not in st.session_state:
+        # A cold open shows a real analysis at once (cached) or within seconds (computed).
+        shared.submit(AnalysisRequest.make("attention", *EXAMPLES[DEFAULT_EXAMPLE]))
+        aid = shared.current_analysis_id()
+    _sync_inputs_with(aid)
+    st.session_state.setdefault("model_choice", DEFAULT_CAUSAL)
+    st.session_state.setdefault("text", EXAMPLES[DEFAULT_EXAMPLE][1])
+    with st.sidebar:
+        st.title("Attention Atlas")
+        st.selectbox("Example", list(EXAMPLES), key="example", index=None,
+                     placeholder="Load an example…", on_change=_load_example)
+        choice = st.selectbox("Model", list(MODEL_LABELS), key="model_choice",
+                              format_func=MODEL_LABELS.get)
+        model = choice
+        if choice == OTHER_MODEL:
+            model = st.text_input("Hub id, model folder or .gguf file", key="other_model",
+                                  placeholder="Qwen/Qwen2.5-0.5B or my-model/ or model.gguf")
+        text = st.text_area("Text", key="text", height=160)
+        limit = shared.service().settings.max_tokens
+        st.caption(f"Up to {limit:,} tokens.")
+        if st.button("Analyse", type="primary", width="stretch"):
+            shared.submit(AnalysisRequest.make("attention", model or "", text))
+
+
+
+st.set_page_config(page_title="Attention Atlas", page_icon=":material/visibility:",
+                   layout="wide")
+navigation = st.navigation([shared.page(name) for name in shared.PAGES])
+sidebar()
+shared.job_panel()
+navigation.run()

@@ -1,0 +1,174 @@
+"""Load a model for attention analysis: eager attention, safetensors only, never remote code.
+
+GGUF files are de-quantised by transformers on load, which is slow (tens of seconds), so the first
+load saves a safetensors copy keyed by the GGUF file's sha256; later loads take under a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer,
+                          PreTrainedModel, PreTrainedTokenizerBase)
+
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                    MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+from backend.config import Settings
+from backend.errors import ModelLoadError
+from backend.models.fingerprint import file_sha256, weights_fingerprint
+from backend.models.sources import ModelSource
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we run our own worker threads
+Progress = Callable[[float, str], None]
+_conversion_lock = threading.Lock()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis. `causal` distinguishes decoder LMs from encoders."""
+
+    source: ModelSource
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str
+    causal: bool
+    device: torch.device
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.model.config.get_text_config().num_attention_heads
+
+
+def pick_device(settings: Settings) -> torch.device:
+    if settings.device:
+        return torch.device(settings.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype_for(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _is_causal(config) -> bool:
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(
+            "Encoder-decoder models (T5, BART...) are not supported: pick an encoder or a decoder LM."
+        )
+    if config.architectures:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures)
+    # GGUF configs carry no architectures: decide by model type (BERT-likes are masked LMs).
+    return (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+def _convert_gguf(source: ModelSource, settings: Settings, progress: Progress) -> Path:
+    """Safetensors copy of a GGUF model under cache/models/<sha256>, made once."""
+    gguf_path = source.path / source.gguf_file
+    target = settings.converted_models_dir / file_sha256(gguf_path)
+    with _conversion_lock:
+        if (target / "config.json").is_file():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        progress(0.05, "De-quantising the GGUF file (once per model; later loads are fast)")
+        kwargs = dict(gguf_file=source.gguf_file, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        progress(0.3, "De-quantising the GGUF weights")
+        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+        auto = AutoModelForCausalLM if _is_causal(config) else AutoModel
+        model = auto.from_pretrained(source.path, **kwargs)
+        # Drop the GGUF quantizer so the weights save as plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        # A private temporary folder, renamed into place: a crash leaves no half copy, and a
+        # second process converting the same file at once cannot disturb this one.
+        partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{target.name}.partial-"))
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        try:
+            partial.rename(target)
+        except OSError:  # another process finished first: use its copy
+            shutil.rmtree(partial, ignore_errors=True)
+        return target
+
+
+def _load_config(where: str | Path):
+    try:
+        return AutoConfig.from_pretrained(where, trust_remote_code=False)
+    except ValueError as e:  # unknown model_type, or one that needs remote code
+        raise ModelLoadError(f"Unsupported architecture for '{where}': {e}") from None
+    except OSError as e:
+        raise ModelLoadError(
+            f"Cannot reach model '{where}': not in the local hub cache and the hub is unreachable "
+            f"or the id does not exist ({type(e).__name__})."
+        ) from None
+
+
+def _hub_folder(source: ModelSource) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.ref, allow_patterns=[
+            "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]))
+    except Exception as e:  # offline, unknown id, gated repo: all mean "cannot reach"
+        raise ModelLoadError(
+            f"Cannot reach hub model '{source.ref}': {type(e).__name__}. Offline servers can only "
+            "load hub models already in the local hub cache."
+        ) from None
+
+
+def source_fingerprint(source: ModelSource) -> str:
+    """Identity of the weights (and tokenizer) a source loads, without loading them."""
+    if source.gguf_file:
+        return weights_fingerprint(source.path, only=source.gguf_file)
+    return weights_fingerprint(_hub_folder(source) if source.kind == "hub" else source.path)
+
+
+def load_model(source: ModelSource, settings: Settings,
+               progress: Progress = lambda f, s: None) -> LoadedModel:
+    """Load weights and tokenizer on the configured device with eager attention."""
+    device = pick_device(settings)
+    if source.gguf_file:
+        folder = _convert_gguf(source, settings, progress)
+    else:
+        folder = _hub_folder(source) if source.kind == "hub" else source.path
+        if not any(folder.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"'{source.ref}' has no safetensors weights. Pickle checkpoints (.bin) can run "
+                "code when loaded and are refused: convert them to safetensors first."
+            )
+    fingerprint = source_fingerprint(source)
+    progress(0.6, "Loading weights")
+    config = _load_config(folder)
+    causal = _is_causal(config)
+    auto = AutoModelForCausalLM if causal else AutoModel
+    try:
+        model = auto.from_pretrained(folder, attn_implementation="eager", use_safetensors=True,
+                                     trust_remote_code=False, dtype=_dtype_for(device))
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as e:
+        raise ModelLoadError(f"Cannot load '{source.ref}': {e}") from None
+    if "attentions" not in (getattr(model, "_can_record_outputs", None) or {}):
+        raise ModelLoadError(
+            f"'{source.ref}' ({type(model).__name__}) exposes no attention weights to analyse."
+        )
+    model.to(device).eval()
+    progress(1.0, "Model ready")
+    return LoadedModel(source, model, tokenizer, fingerprint, causal, device)
+

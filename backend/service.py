@@ -1,0 +1,130 @@
+"""The one door pages use: cache first, else a job for the worker; slices and aggregates out.
+
+Pages never see torch or SQL. Results are addressed by analysis id (what links carry); large
+tensors stay here and leave only as the slice or aggregate a view shows.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from backend.analyses import ANALYSES, AnalysisRequest, analysis_id, layer_array_name
+from backend.config import Settings
+from backend.methods.binning import BinnedMatrix, bin_matrix
+from backend.models import resolve_source, source_fingerprint
+from backend.store import AnalysisRecord, Store
+from backend.worker import JobContext, JobStatus, Worker
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """Either a finished analysis (analysis_id) or a job to poll (job_id)."""
+
+    analysis_id: str | None = None
+    job_id: str | None = None
+
+
+class _LayerCache:
+    """Recently used attention layers in memory, bounded by bytes (shared by all sessions)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, load):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = load()
+        with self._lock:
+            self._items[key] = value
+            while sum(v.nbytes for v in self._items.values()) > self.max_bytes and \
+                    len(self._items) > 1:
+                self._items.popitem(last=False)
+        return value
+
+
+class AtlasService:
+    def __init__(self, settings: Settings | None = None, store: Store | None = None,
+                 worker: Worker | None = None):
+        self.settings = settings or Settings.from_env()
+        self.store = store or Store(self.settings.database_path)
+        self.worker = worker or Worker(self.settings)
+        self._layers = _LayerCache(max_bytes=1 << 30)
+        # canonical request -> (analysis id, weights fingerprint), for this process
+        self._known: dict[str, tuple[str, str]] = {}
+
+    # --- requests -------------------------------------------------------------------------
+    def submit(self, request: AnalysisRequest) -> Ticket:
+        """Return the cached result at once, or start (or join) the job that computes it."""
+        request.validate()
+        source = resolve_source(request.model, self.settings)  # refuse bad references now
+        known = self._known.get(request.canonical())
+        # Fingerprints are memoised by file size and mtime: cheap, and changed weights miss.
+        if known and known[1] == source_fingerprint(source) and self.store.has(known[0]):
+            return Ticket(analysis_id=known[0])
+        job_id = self.worker.submit(request.canonical(), lambda ctx: self._compute(ctx, request))
+        return Ticket(job_id=job_id)
+
+    def _compute(self, ctx: JobContext, request: AnalysisRequest) -> str:
+        ctx.progress(0.01, "Identifying the model's weights")
+        fingerprint = source_fingerprint(resolve_source(request.model, self.settings))
+        aid = analysis_id(request, fingerprint)
+        if not self.store.has(aid):
+            record, arrays = ANALYSES[request.kind](ctx, request, aid)
+            ctx.progress(0.85, "Saving to the cache")
+            self.store.save(record, arrays)
+        self._known[request.canonical()] = (aid, fingerprint)
+        return aid
+
+    def job_status(self, job_id: str) -> JobStatus:
+        return self.worker.status(job_id)
+
+    def job_result(self, job_id: str, timeout: float | None = None) -> str:
+        """The analysis id a finished job produced (raises the job's error)."""
+        return self.worker.result(job_id, timeout)
+
+    def cancel(self, job_id: str) -> None:
+        self.worker.cancel(job_id)
+
+    def run(self, request: AnalysisRequest, timeout: float | None = None) -> str:
+        """Submit and wait: the analysis id. For scripts, benchmarks and tests."""
+        ticket = self.submit(request)
+        return ticket.analysis_id or self.job_result(ticket.job_id, timeout)
+
+    # --- results --------------------------------------------------------------------------
+    def analysis(self, aid: str) -> AnalysisRecord:
+        return self.store.load(aid)
+
+    def recent(self, limit: int = 20) -> list[AnalysisRecord]:
+        return self.store.recent(limit=limit)
+
+    def attention_layer(self, aid: str, layer: int) -> np.ndarray:
+        """(head, query, key) float16 attention of one layer."""
+        return self._layers.get((aid, layer),
+                                lambda: self.store.load_array(aid, layer_array_name(layer)))
+
+    def attention_matrix(self, aid: str, layer: int, head: int | None,
+                         query: slice = slice(None), key: slice = slice(None)) -> np.ndarray:
+        """(query, key) float32 attention of one head, or the mean over heads if head is None,
+        restricted to a token window."""
+        layer_attn = self.attention_layer(aid, layer)
+        block = layer_attn[:, query, key].astype(np.float32)
+        return block.mean(axis=0) if head is None else block[head]
+
+    def attention_overview(self, aid: str, layer: int, head: int | None,
+                           bins: int) -> BinnedMatrix:
+        """The whole (query, key) matrix mean-pooled to at most bins x bins."""
+        return bin_matrix(self.attention_matrix(aid, layer, head), bins)
+
+    def head_thumbnails(self, aid: str, size: int) -> np.ndarray:
+        """(layer, head, size', size') every head's attention pooled to at most size x size."""
+        meta = self.analysis(aid).meta
+        return np.stack([bin_matrix(self.attention_layer(aid, layer), size).values
+                         for layer in range(meta["n_layers"])])

@@ -1,0 +1,198 @@
+"""The model worker: owns loaded models and the device, runs jobs one at a time, reports progress.
+
+The interface is narrow (submit, status, result, cancel) so the worker can move to another process
+or host without touching pages. Jobs run on the worker's own thread; torch releases the GIL while
+it computes, so Streamlit sessions stay responsive meanwhile.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from backend.config import Settings
+from backend.errors import AtlasError
+from backend.models import LoadedModel, load_model, resolve_source, source_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class JobCancelled(AtlasError):
+    """Raised inside a job when its cancellation was requested."""
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """state: queued | running | done | failed | cancelled. eta_s: seconds left, when estimable."""
+
+    id: str
+    state: str
+    fraction: float
+    stage: str
+    elapsed_s: float
+    eta_s: float | None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed", "cancelled")
+
+
+class JobContext:
+    """What a job function gets: progress reporting, cancellation, and the worker's models."""
+
+    def __init__(self, job: "_Job", worker: "Worker"):
+        self._job, self._worker = job, worker
+
+    @property
+    def settings(self) -> Settings:
+        return self._worker.settings
+
+    def progress(self, fraction: float, stage: str) -> None:
+        """Report progress in [0, 1]; raises JobCancelled if the job was cancelled."""
+        if self._job.cancel_requested.is_set():
+            raise JobCancelled("Cancelled.")
+        self._job.fraction, self._job.stage = min(max(fraction, 0.0), 1.0), stage
+
+    def span(self, start: float, end: float) -> Callable[[float, str], None]:
+        """A progress callback mapping a sub-task's [0, 1] onto [start, end] of this job."""
+        return lambda f, stage: self.progress(start + (end - start) * f, stage)
+
+    def model(self, ref: str) -> LoadedModel:
+        return self._worker.models.get(ref, self.span(self._job.fraction, 0.3))
+
+
+class ModelPool:
+    """Loaded models by reference, least recently used evicted first (frees GPU memory)."""
+
+    def __init__(self, settings: Settings, capacity: int = 2):
+        self.settings, self.capacity = settings, capacity
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+
+    def get(self, ref: str, progress: Callable[[float, str], None]) -> LoadedModel:
+        source = resolve_source(ref, self.settings)
+        if ref in self._models and self._models[ref].fingerprint == source_fingerprint(source):
+            self._models.move_to_end(ref)
+            return self._models[ref]
+        progress(0.0, f"Loading model {ref}")
+        loaded = load_model(source, self.settings, progress)
+        self._models[ref] = loaded
+        while len(self._models) > self.capacity:
+            self._models.popitem(last=False)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return loaded
+
+
+class _Job:
+    def __init__(self, job_id: str, fn: Callable[[JobContext], Any]):
+        self.id, self.fn = job_id, fn
+        self.state, self.fraction, self.stage = "queued", 0.0, "Waiting for the worker"
+        self.created, self.started, self.ended = time.monotonic(), None, None
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.cancel_requested = threading.Event()
+
+    def status(self) -> JobStatus:
+        now = self.ended or time.monotonic()
+        elapsed = now - self.started if self.started else 0.0
+        eta = None
+        if self.state == "running" and self.fraction > 0.05:
+            eta = elapsed * (1 - self.fraction) / self.fraction
+        error = str(self.error) if self.error else None
+        return JobStatus(self.id, self.state, self.fraction, self.stage, elapsed, eta, error)
+
+
+class Worker:
+    """Runs jobs one at a time on one device. Submitting a key already queued or running returns
+    that job, so identical concurrent requests compute once."""
+
+    def __init__(self, settings: Settings, max_models: int = 2, history: int = 256):
+        self.settings = settings
+        self.models = ModelPool(settings, max_models)
+        self._jobs: OrderedDict[str, _Job] = OrderedDict()  # by job id, oldest first
+        self._active: dict[str, _Job] = {}  # latest job of each key
+        self._serial = itertools.count()
+        self._history = history
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="atlas-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str, fn: Callable[[JobContext], Any]) -> str:
+        """Queue `fn` under `key` (what makes two requests the same); returns the job id."""
+        with self._lock:
+            job = self._active.get(key)
+            if job is not None and not job.done.is_set() and not job.cancel_requested.is_set():
+                return job.id
+            job_id = hashlib.sha256(f"{key}\n{next(self._serial)}".encode()).hexdigest()[:16]
+            job = self._active[key] = self._jobs[job_id] = _Job(job_id, fn)
+            while len(self._jobs) > self._history:
+                oldest = next(iter(self._jobs.values()))
+                if not oldest.done.is_set():
+                    break
+                self._jobs.popitem(last=False)
+        self._queue.put(job)
+        return job.id
+
+    def _job(self, job_id: str) -> _Job:
+        with self._lock:
+            if job_id not in self._jobs:
+                raise KeyError(f"Unknown job '{job_id}'.")
+            return self._jobs[job_id]
+
+    def status(self, job_id: str) -> JobStatus:
+        return self._job(job_id).status()
+
+    def result(self, job_id: str, timeout: float | None = None) -> Any:
+        """The job's return value; re-raises its error. Blocks up to `timeout` seconds."""
+        job = self._job(job_id)
+        if not job.done.wait(timeout):
+            raise TimeoutError(f"Job '{job_id}' is still {job.state}.")
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def cancel(self, job_id: str) -> None:
+        self._job(job_id).cancel_requested.set()
+
+    def shutdown(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if job.cancel_requested.is_set():
+                job.state, job.error = "cancelled", JobCancelled("Cancelled before it started.")
+            else:
+                self._execute(job)
+            job.ended = time.monotonic()
+            job.done.set()
+            with self._lock:
+                self._active = {k: j for k, j in self._active.items() if not j.done.is_set()}
+
+    def _execute(self, job: _Job) -> None:
+        job.state, job.started, job.stage = "running", time.monotonic(), "Starting"
+        try:
+            job.result = job.fn(JobContext(job, self))
+            job.state, job.fraction, job.stage = "done", 1.0, "Done"
+        except JobCancelled as e:
+            job.state, job.error = "cancelled", e
+        except AtlasError as e:
+            job.state, job.error = "failed", e
+        except Exception as e:  # a bug or an unexpected model: keep serving, say what happened
+            log.exception("Job %s failed", job.id)
+            job.state = "failed"
+            job.error = AtlasError(f"The analysis failed: {type(e).__name__}: {e}")

@@ -1,0 +1,33 @@
+"""Head grid: every layer x head as a thumbnail; click one to open it in Explore."""
+
+import streamlit as st
+
+from pages import shared
+from viz.head_grid import head_grid, selected_head
+
+THUMBNAIL_BINS = 24
+
+
+def _open_head() -> None:
+    picked = selected_head(st.session_state.get("grid"))
+    if picked:
+        st.session_state["open_head"] = picked
+
+
+st.header("Head grid")
+record = shared.require_analysis()
+if record:
+    if "open_head" in st.session_state:
+        layer, head = st.session_state.pop("open_head")
+        st.switch_page(shared.page("explore"), query_params={"a": record.id, "layer": str(layer),
+                                                         "head": str(head)})
+    meta = record.meta
+    st.caption(f"{meta['n_layers']} layers × {meta['n_heads']} heads of {meta['model_label']}, "
+               f"{len(meta['tokens'])} tokens. Each thumbnail is a head's query × key map "
+               f"(darker = more attention; long inputs pooled to {THUMBNAIL_BINS} × "
+               f"{THUMBNAIL_BINS}). Look for a dark diagonal (self), a line just below it "
+               "(previous token) and a dark first column (sink). Click a head to open it.")
+    thumbnails = shared.service().head_thumbnails(record.id, THUMBNAIL_BINS)
+    st.altair_chart(head_grid(thumbnails), key="grid", on_select=_open_head,
+                    selection_mode="head")
+    shared.share_link({"a": record.id})

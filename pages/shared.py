@@ -1,0 +1,132 @@
+"""What every page shares: the service, the current analysis, job progress and share links.
+(Not a page itself: app.py lists the pages explicitly.)"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import urlencode
+
+import streamlit as st
+
+from backend.analyses import AnalysisRequest
+from backend.errors import AtlasError
+from backend.service import AtlasService
+from backend.store import AnalysisRecord
+
+PAGES_DIR = Path(__file__).resolve().parent  # absolute: the app may be started from anywhere
+# name: (title, icon, url path); the first is the default page.
+PAGES = {
+    "overview": ("Overview", ":material/home:", "overview"),
+    "explore": ("Explore", ":material/grid_on:", "explore"),
+    "head_grid": ("Head grid", ":material/apps:", "heads"),
+    "bertviz_views": ("bertviz views", ":material/timeline:", "bertviz"),
+}
+ANALYSIS_PARAM = "a"
+_ANALYSIS_ID = re.compile(r"^[0-9a-f]{24}$")
+
+
+def page(name: str) -> st.Page:
+    """The page `name` (its file is pages/<name>.py), for navigation and links."""
+    title, icon, url_path = PAGES[name]
+    return st.Page(PAGES_DIR / f"{name}.py", title=title, icon=icon, url_path=url_path,
+                   default=name == next(iter(PAGES)))
+
+
+@st.cache_resource
+def service() -> AtlasService:
+    """One service (store connection, worker, model pool) for all sessions of this server."""
+    return AtlasService()
+
+
+def current_analysis_id() -> str | None:
+    """The analysis this session shows: from the link, else the last one it opened."""
+    from_url = st.query_params.get(ANALYSIS_PARAM)
+    if from_url:
+        st.session_state["analysis_id"] = from_url
+    aid = st.session_state.get("analysis_id")
+    if aid and not from_url:
+        st.query_params[ANALYSIS_PARAM] = aid  # page switches drop unbound query params
+    return aid
+
+
+def open_analysis(aid: str) -> None:
+    st.session_state["analysis_id"] = aid
+    st.query_params[ANALYSIS_PARAM] = aid
+
+
+def submit(request: AnalysisRequest) -> None:
+    """Open the result if cached, else start its job; errors show in the sidebar."""
+    try:
+        ticket = service().submit(request)
+    except AtlasError as e:
+        st.session_state["submit_error"] = str(e)
+        return
+    st.session_state.pop("submit_error", None)
+    if ticket.analysis_id:
+        st.session_state.pop("job_id", None)
+        open_analysis(ticket.analysis_id)
+    else:
+        st.session_state["job_id"] = ticket.job_id
+
+
+@st.fragment(run_every=0.7)
+def _job_progress(job_id: str) -> None:
+    status = service().job_status(job_id)
+    if not status.finished:
+        eta = f" · about {status.eta_s:.0f} s left" if status.eta_s is not None else ""
+        st.progress(status.fraction, text=f"{status.stage} ({status.elapsed_s:.0f} s{eta})")
+        if st.button("Cancel", key="cancel_job"):
+            service().cancel(job_id)
+        return
+    del st.session_state["job_id"]
+    if status.state == "done":
+        open_analysis(service().job_result(job_id))
+    else:
+        st.session_state["submit_error"] = status.error or status.state
+    st.rerun(scope="app")
+
+
+def job_panel() -> None:
+    """Progress of this session's running job (polls without rerunning the page)."""
+    if "job_id" in st.session_state:
+        with st.container(border=True):
+            _job_progress(st.session_state["job_id"])
+    if st.session_state.get("submit_error"):
+        st.error(st.session_state["submit_error"])
+
+
+def require_analysis() -> AnalysisRecord | None:
+    """The current analysis, or a clear message why there is none."""
+    aid = current_analysis_id()
+    if not aid:
+        if "job_id" in st.session_state:
+            st.info("Computing the analysis: it appears here when ready.")
+        else:
+            st.info("Enter a text in the sidebar and press **Analyse**.")
+        return None
+    if not _ANALYSIS_ID.match(aid):
+        st.error("This link's analysis id is malformed: it should be 24 hexadecimal characters.")
+        return None
+    try:
+        return service().analysis(aid)
+    except AtlasError as e:
+        st.warning(f"{e} It may have been computed on another server: analyse the text again.")
+        return None
+
+
+def share_link(params: dict) -> None:
+    """A copyable link that reopens exactly this view (the code block has a copy button)."""
+    query = urlencode({k: v for k, v in params.items() if v is not None}, doseq=True)
+    base = st.context.url or ""
+    st.caption("Link to this view (copy it with the button on the right):")
+    st.code(f"{base}?{query}", language=None)
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~$])")
+
+
+def plain(text: str) -> str:
+    """User text made inert inside markdown labels: no markup, no HTML, shown as typed."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)

@@ -1,0 +1,83 @@
+"""A real server and Debian's chromium for end-to-end tests.
+
+The server runs `streamlit run app.py` as a user would, on its own fresh cache, so every test
+sees the product, not a test double.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+CHROMIUM = "/usr/bin/chromium"
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory):
+    port = _free_port()
+    env = {**os.environ, "ATLAS_CACHE_DIR": str(tmp_path_factory.mktemp("e2e-cache")),
+           "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.port", str(port), "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail("The app did not start:\n" + server.stdout.read().decode()[-3000:])
+    yield url
+    server.terminate()
+    server.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    # Playwright cannot download its own browser here: drive Debian's chromium instead.
+    return {**browser_type_launch_args, "executable_path": CHROMIUM,
+            "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--disable-component-update", "--no-first-run"]}
+
+
+@pytest.fixture
+def dialogs(page):
+    """Every JavaScript dialog the page opens (an injected alert() would land here)."""
+    seen: list[str] = []
+    page.on("dialog", lambda d: (seen.append(d.message), d.dismiss()))
+    return seen
+
+
+def wait_idle(page, timeout: float = 120_000) -> None:
+    """Wait until Streamlit has finished running the script and any analysis job it started
+    (a running job shows a progress bar that polls)."""
+    deadline = time.monotonic() + timeout / 1000
+    quiet_checks = 0
+    while quiet_checks < 3:  # idle and without progress bar for three checks in a row
+        if time.monotonic() > deadline:
+            raise TimeoutError("The app stayed busy.")
+        page.wait_for_timeout(400)
+        busy = (page.locator(IDLE).count() == 0
+                or page.locator("[data-testid='stProgress']").count() > 0)
+        quiet_checks = 0 if busy else quiet_checks + 1
