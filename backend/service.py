@@ -6,15 +6,19 @@ tensors stay here and leave only as the slice or aggregate a view shows.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from backend.analyses import ANALYSES, AnalysisRequest, analysis_id, layer_array_name
+from backend import analyses
+from backend.analyses import AnalysisRequest, analysis_id
+from backend.analyses.attention import layer_array_name
 from backend.config import Settings
 from backend.methods.binning import BinnedMatrix, bin_matrix
+from backend.methods.rollout import attention_rollout, exclude_first_token
 from backend.models import resolve_source, source_fingerprint
 from backend.store import AnalysisRecord, Store
 from backend.worker import JobContext, JobStatus, Worker
@@ -63,7 +67,7 @@ class AtlasService:
     # --- requests -------------------------------------------------------------------------
     def submit(self, request: AnalysisRequest) -> Ticket:
         """Return the cached result at once, or start (or join) the job that computes it."""
-        request.validate()
+        analyses.validate(request)
         source = resolve_source(request.model, self.settings)  # refuse bad references now
         known = self._known.get(request.canonical())
         # Fingerprints are memoised by file size and mtime: cheap, and changed weights miss.
@@ -77,7 +81,7 @@ class AtlasService:
         fingerprint = source_fingerprint(resolve_source(request.model, self.settings))
         aid = analysis_id(request, fingerprint)
         if not self.store.has(aid):
-            record, arrays = ANALYSES[request.kind](ctx, request, aid)
+            record, arrays = analyses.compute(ctx, request, aid)
             ctx.progress(0.85, "Saving to the cache")
             self.store.save(record, arrays)
         self._known[request.canonical()] = (aid, fingerprint)
@@ -122,6 +126,31 @@ class AtlasService:
                            bins: int) -> BinnedMatrix:
         """The whole (query, key) matrix mean-pooled to at most bins x bins."""
         return bin_matrix(self.attention_matrix(aid, layer, head), bins)
+
+    def array(self, aid: str, name: str) -> np.ndarray:
+        """A stored result array of any analysis kind (small ones: flow, rollouts, scores)."""
+        return self.store.load_array(aid, name)
+
+    def attention(self, aid: str) -> np.ndarray:
+        """(layer, head, query, key) float32: every layer, for methods that combine layers."""
+        meta = self.analysis(aid).meta
+        return np.stack([self.attention_layer(aid, layer) for layer in range(meta["n_layers"])],
+                        dtype=np.float32)
+
+    @functools.lru_cache(maxsize=8)
+    def rollout(self, aid: str, head_fusion: str = "mean") -> np.ndarray:
+        """Attention rollout after each layer, (layer, query, key) (Abnar & Zuidema)."""
+        return attention_rollout(self.attention(aid), head_fusion)
+
+    @staticmethod
+    def bin(matrix: np.ndarray, bins: int) -> BinnedMatrix:
+        """Any (query, key) matrix pooled for an overview (see attention_overview)."""
+        return bin_matrix(matrix, bins)
+
+    @staticmethod
+    def without_first_token(scores: np.ndarray) -> np.ndarray:
+        """(..., key) scores without key 0, renormalised to sum 1 (attention-sink view)."""
+        return exclude_first_token(scores)
 
     def head_thumbnails(self, aid: str, size: int) -> np.ndarray:
         """(layer, head, size', size') every head's attention pooled to at most size x size."""

@@ -13,16 +13,21 @@ from backend.analyses import AnalysisRequest
 from backend.errors import AtlasError
 from backend.service import AtlasService
 from backend.store import AnalysisRecord
+from backend.worker import JobStatus
 
 PAGES_DIR = Path(__file__).resolve().parent  # absolute: the app may be started from anywhere
-# name: (title, icon, url path); the first is the default page.
+# name: (title, icon, url path); the first is the default page. A url path must differ from
+# every file name here: on a fresh server, Streamlit's legacy pages-folder mode would otherwise
+# run a linked page's file alone, without app.py, for the first request.
 PAGES = {
-    "overview": ("Overview", ":material/home:", "overview"),
-    "explore": ("Explore", ":material/grid_on:", "explore"),
+    "overview": ("Overview", ":material/home:", "home"),
+    "explore": ("Explore", ":material/grid_on:", "attention"),
     "head_grid": ("Head grid", ":material/apps:", "heads"),
+    "rollout": ("Rollout & flow", ":material/account_tree:", "flow"),
     "bertviz_views": ("bertviz views", ":material/timeline:", "bertviz"),
 }
 ANALYSIS_PARAM = "a"
+
 _ANALYSIS_ID = re.compile(r"^[0-9a-f]{24}$")
 
 
@@ -70,14 +75,19 @@ def submit(request: AnalysisRequest) -> None:
         st.session_state["job_id"] = ticket.job_id
 
 
+def _show_progress(status: JobStatus, label: str = "") -> None:
+    eta = f" · about {status.eta_s:.0f} s left" if status.eta_s is not None else ""
+    st.progress(status.fraction,
+                text=f"{label}{status.stage} ({status.elapsed_s:.0f} s{eta})")
+    if st.button("Cancel", key=f"cancel_{status.id}"):
+        service().cancel(status.id)
+
+
 @st.fragment(run_every=0.7)
 def _job_progress(job_id: str) -> None:
     status = service().job_status(job_id)
     if not status.finished:
-        eta = f" · about {status.eta_s:.0f} s left" if status.eta_s is not None else ""
-        st.progress(status.fraction, text=f"{status.stage} ({status.elapsed_s:.0f} s{eta})")
-        if st.button("Cancel", key="cancel_job"):
-            service().cancel(job_id)
+        _show_progress(status)
         return
     del st.session_state["job_id"]
     if status.state == "done":
@@ -94,6 +104,40 @@ def job_panel() -> None:
             _job_progress(st.session_state["job_id"])
     if st.session_state.get("submit_error"):
         st.error(st.session_state["submit_error"])
+
+
+@st.fragment(run_every=0.7)
+def _derived_progress(job_id: str, label: str, key: str) -> None:
+    status = service().job_status(job_id)
+    if not status.finished:
+        _show_progress(status, f"{label}: ")
+        return
+    if status.state != "done":
+        st.session_state.setdefault("failed", {})[key] = status.error or status.state
+    st.rerun(scope="app")
+
+
+def derived(request: AnalysisRequest, label: str) -> str | None:
+    """The id of a result a view needs besides the attention analysis (flow, importance...):
+    cached, or computed now with its own progress bar (then None until it is ready)."""
+    key = request.canonical()
+    failed = st.session_state.setdefault("failed", {})
+    if key in failed:
+        st.error(f"{label}: {failed[key]}")
+        if st.button("Try again", key=f"retry_{hash(key)}"):
+            del failed[key]
+            st.rerun()
+        return None
+    try:
+        ticket = service().submit(request)
+    except AtlasError as e:
+        st.error(f"{label}: {e}")
+        return None
+    if ticket.analysis_id:
+        return ticket.analysis_id
+    with st.container(border=True):
+        _derived_progress(ticket.job_id, label, key)
+    return None
 
 
 def require_analysis() -> AnalysisRecord | None:

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-import backend.analyses as analyses
-from backend.analyses import MAX_TEXT_CHARS, AnalysisRequest, analysis_id
+import backend.analyses.request as analyses
+from backend.analyses import MAX_TEXT_CHARS, AnalysisRequest, analysis_id, validate
 from backend.errors import InputError
 
 FP = "a" * 64
@@ -93,7 +93,7 @@ def test_too_long_text_is_refused_with_its_length():
 @pytest.mark.parametrize("kind", ["nope", "", "Attention", "attention "])
 def test_unknown_kind_is_refused(kind):
     with pytest.raises(InputError, match="kind"):
-        _req(kind=kind).validate()
+        validate(_req(kind=kind))
 
 
 def test_input_errors_are_value_errors():

@@ -69,7 +69,7 @@ def dialogs(page):
     return seen
 
 
-def wait_idle(page, timeout: float = 120_000) -> None:
+def wait_idle(page, timeout: float = 300_000) -> None:
     """Wait until Streamlit has finished running the script and any analysis job it started
     (a running job shows a progress bar that polls)."""
     deadline = time.monotonic() + timeout / 1000
@@ -79,5 +79,6 @@ def wait_idle(page, timeout: float = 120_000) -> None:
             raise TimeoutError("The app stayed busy.")
         page.wait_for_timeout(400)
         busy = (page.locator(IDLE).count() == 0
-                or page.locator("[data-testid='stProgress']").count() > 0)
+                or page.locator("[data-testid='stProgress']").count() > 0
+                or page.get_by_role("button", name="Cancel").count() > 0)
         quiet_checks = 0 if busy else quiet_checks + 1

@@ -99,3 +99,21 @@ def test_user_markup_renders_as_text(service):
     at = app(a=aid)
     assert any(t.value == XSS for t in at.text)  # st.text: shown verbatim, never interpreted
     assert not at.exception
+
+
+def test_rollout_page_shows_the_four_methods(service, default_id):
+    record = service.analysis(default_id)
+    last = len(record.meta["tokens"]) - 1
+    for kind, params in (("attention_flow", {"head_fusion": "mean"}),
+                         ("gradient_rollout", {"target": last})):
+        service.run(AnalysisRequest.make(kind, record.model, record.text, **params), timeout=300)
+    at = app("pages/rollout.py", a=default_id)
+    assert not at.exception and not at.error
+    assert at.selectbox(key="target").value == last  # causal LM: the last token by default
+    shown = " ".join(str(h.proto.body) for h in at.get("html"))
+    for title in ("Raw attention (last layer)", "Rollout (after layer 30)", "Flow",
+                  "Gradient-weighted rollout"):
+        assert title in shown
+    at.toggle(key="no_sink").set_value(True).run()
+    assert "first token excluded" in at.subheader[0].value
+    assert "no_sink=true" in at.code[-1].value
