@@ -14,3 +14,9 @@ EXAMPLES = {
         "minilm", "The animal didn't cross the street because it was too tired."),
 }
 DEFAULT_EXAMPLE = next(iter(EXAMPLES))
+
+# The worked Thought Anchors problem: the default model writes its own trace for it.
+REASONING_EXAMPLE = {
+    "problem": "A shop sells pencils at 3 for $1. How many dollars do 27 pencils cost?",
+    "answer": "9",
+}

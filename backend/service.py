@@ -7,15 +7,27 @@ tensors stay here and leave only as the slice or aggregate a view shows.
 from __future__ import annotations
 
 import functools
+from collections import Counter
+import hashlib
+import io
+import tempfile
 import threading
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from backend import analyses
 from backend.analyses import AnalysisRequest, analysis_id
 from backend.analyses.attention import layer_array_name
+from backend.analyses.thought_anchors import (PUBLISHED_FILES, as_published_trace,
+                                             published_analysis)
+from backend.errors import InputError
+from backend.methods.thought_anchors.graph import incoming, top_links
+from backend.methods.thought_anchors.published import (read_published_trace,
+                                                       write_published_trace)
 from backend.config import Settings
 from backend.methods.binning import BinnedMatrix, bin_matrix
 from backend.methods.rollout import attention_rollout, exclude_first_token
@@ -61,30 +73,25 @@ class AtlasService:
         self.store = store or Store(self.settings.database_path)
         self.worker = worker or Worker(self.settings)
         self._layers = _LayerCache(max_bytes=1 << 30)
-        # canonical request -> (analysis id, weights fingerprint), for this process
-        self._known: dict[str, tuple[str, str]] = {}
 
     # --- requests -------------------------------------------------------------------------
     def submit(self, request: AnalysisRequest) -> Ticket:
         """Return the cached result at once, or start (or join) the job that computes it."""
         analyses.validate(request)
         source = resolve_source(request.model, self.settings)  # refuse bad references now
-        known = self._known.get(request.canonical())
-        # Fingerprints are memoised by file size and mtime: cheap, and changed weights miss.
-        if known and known[1] == source_fingerprint(source) and self.store.has(known[0]):
-            return Ticket(analysis_id=known[0])
-        job_id = self.worker.submit(request.canonical(), lambda ctx: self._compute(ctx, request))
+        # Fingerprints are memoised by file size and mtime, so this is cheap after the first
+        # time, and changed weights get a new id.
+        aid = analysis_id(request, source_fingerprint(source))
+        if self.store.has(aid):
+            return Ticket(analysis_id=aid)
+        job_id = self.worker.submit(aid, lambda ctx: self._compute(ctx, request, aid))
         return Ticket(job_id=job_id)
 
-    def _compute(self, ctx: JobContext, request: AnalysisRequest) -> str:
-        ctx.progress(0.01, "Identifying the model's weights")
-        fingerprint = source_fingerprint(resolve_source(request.model, self.settings))
-        aid = analysis_id(request, fingerprint)
-        if not self.store.has(aid):
-            record, arrays = analyses.compute(ctx, request, aid)
+    def _compute(self, ctx: JobContext, request: AnalysisRequest, aid: str) -> str:
+        if not self.store.has(aid):  # an identical job may have finished while this one queued
+            record, arrays = analyses.compute(ctx, request, aid, self.store)
             ctx.progress(0.85, "Saving to the cache")
             self.store.save(record, arrays)
-        self._known[request.canonical()] = (aid, fingerprint)
         return aid
 
     def job_status(self, job_id: str) -> JobStatus:
@@ -101,6 +108,70 @@ class AtlasService:
         """Submit and wait: the analysis id. For scripts, benchmarks and tests."""
         ticket = self.submit(request)
         return ticket.analysis_id or self.job_result(ticket.job_id, timeout)
+
+    def import_published_trace(self, files: dict[str, bytes], label: str) -> str:
+        """Store a published Thought Anchors trace (its JSON files by name) as an analysis; its
+        id is the hash of the files, so importing it twice gives one analysis."""
+        unknown = set(files) - set(PUBLISHED_FILES)
+        if unknown:
+            raise InputError(f"Not a published trace file: {', '.join(sorted(unknown))}. "
+                             f"Expected some of {', '.join(PUBLISHED_FILES)}.")
+        digest = hashlib.sha256()
+        with tempfile.TemporaryDirectory() as folder:
+            for name in sorted(files):  # only the known names above: no path reaches the disk
+                (Path(folder) / name).write_bytes(files[name])
+                digest.update(name.encode() + b"\0" + files[name])
+            trace = read_published_trace(folder)
+        record, arrays = published_analysis(trace, label.strip() or "published trace",
+                                            digest.hexdigest()[:24])
+        self.store.save(record, arrays)
+        return record.id
+
+    def published_zip(self, trace_id: str, resampling_id: str | None,
+                      scores: dict[str, np.ndarray], counterfactual: np.ndarray | None,
+                      suppression: np.ndarray | None) -> bytes:
+        """A trace and its results as a zip of the published JSON files."""
+        record = self.analysis(trace_id)
+        resampled: dict[int, list[str]] = {}
+        if record.kind == "ta_published":
+            resampled = {int(k): v for k, v in record.meta.get("resampled", {}).items()}
+        elif resampling_id:
+            for r in self.store.load_rollouts(resampling_id):
+                if not r["forced"]:
+                    resampled.setdefault(r["chunk_idx"], []).append(r["chunk_resampled"])
+        trace = as_published_trace(record, scores, counterfactual, suppression, resampled)
+        buffer = io.BytesIO()
+        with tempfile.TemporaryDirectory() as folder, zipfile.ZipFile(buffer, "w") as archive:
+            write_published_trace(trace, folder)
+            for path in sorted(Path(folder).iterdir()):
+                archive.write(path, path.name)
+        return buffer.getvalue()
+
+    def resampled_alternatives(self, trace_id: str, resampling_id: str | None, chunk: int,
+                               limit: int = 3) -> list[tuple[str, int]]:
+        """The most frequent first sentences that resampling put in place of `chunk`:
+        (sentence, count), from a published trace or our own resampling analysis."""
+        record = self.analysis(trace_id)
+        if record.kind == "ta_published":
+            sentences = record.meta.get("resampled", {}).get(str(chunk), [])
+        elif resampling_id:
+            sentences = [r["chunk_resampled"] for r in self.store.load_rollouts(resampling_id)
+                         if r["chunk_idx"] == chunk and not r["forced"] and r["chunk_resampled"]]
+        else:
+            sentences = []
+        return Counter(sentences).most_common(limit)
+
+    @staticmethod
+    def top_links(matrix: np.ndarray, per_source: int) -> list[tuple[int, int, float]]:
+        """Strongest links of a (source, target) sentence matrix (see methods.thought_anchors)."""
+        return top_links(matrix, per_source)
+
+    @staticmethod
+    def strongest_links(matrix: np.ndarray, sentence: int, direction: str,
+                        limit: int) -> list[tuple[int, float]]:
+        """(other sentence, value) linked to `sentence`: "incoming" (what affects it) or
+        "outgoing" (what it affects), strongest first."""
+        return incoming(matrix if direction == "incoming" else matrix.T, sentence, limit)
 
     # --- results --------------------------------------------------------------------------
     def analysis(self, aid: str) -> AnalysisRecord:

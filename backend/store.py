@@ -42,7 +42,24 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (analysis_id, name)
     );
     """,
+    # Thought Anchors rollouts, saved as they are sampled so a stopped job resumes.
+    """
+    CREATE TABLE rollouts (
+        analysis_id VARCHAR NOT NULL,
+        chunk_idx INTEGER NOT NULL,
+        forced BOOLEAN NOT NULL,
+        rollout_idx INTEGER NOT NULL,
+        continuation VARCHAR NOT NULL,
+        chunk_resampled VARCHAR NOT NULL,
+        answer VARCHAR,
+        is_correct BOOLEAN NOT NULL,
+        PRIMARY KEY (analysis_id, chunk_idx, forced, rollout_idx)
+    );
+    """,
 ]
+
+ROLLOUT_COLUMNS = ("chunk_idx", "forced", "rollout_idx", "continuation", "chunk_resampled",
+                   "answer", "is_correct")
 
 
 @dataclass(frozen=True)
@@ -152,6 +169,28 @@ class Store:
             rows = cur.execute("SELECT name FROM arrays WHERE analysis_id = ? ORDER BY name",
                                [analysis_id]).fetchall()
         return [r[0] for r in rows]
+
+    def save_rollouts(self, analysis_id: str, rows: list[dict]) -> None:
+        """Append sampled rollouts (dicts with ROLLOUT_COLUMNS) of a running analysis at once."""
+        with self._lock, self._cursor() as cur:
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                cur.executemany(
+                    f"INSERT INTO rollouts (analysis_id, {', '.join(ROLLOUT_COLUMNS)}) "
+                    f"VALUES (?, {', '.join('?' * len(ROLLOUT_COLUMNS))})",
+                    [[analysis_id] + [row[c] for c in ROLLOUT_COLUMNS] for row in rows])
+                cur.execute("COMMIT")
+            except Exception:
+                cur.execute("ROLLBACK")
+                raise
+
+    def load_rollouts(self, analysis_id: str) -> list[dict]:
+        """Saved rollouts of an analysis, by chunk, forced flag and order of sampling."""
+        with self._cursor() as cur:
+            rows = cur.execute(
+                f"SELECT {', '.join(ROLLOUT_COLUMNS)} FROM rollouts WHERE analysis_id = ? "
+                "ORDER BY chunk_idx, forced, rollout_idx", [analysis_id]).fetchall()
+        return [dict(zip(ROLLOUT_COLUMNS, row)) for row in rows]
 
     def recent(self, kind: str | None = None, limit: int = 20) -> list[AnalysisRecord]:
         """Latest analyses first, without their arrays."""

@@ -16,6 +16,7 @@ st.markdown(
 |---|---|
 | **Explore** | One head (or a layer's head mean) as a query × key heatmap with token labels; click a token to see where it looks and what looks at it. Long inputs open as a binned overview you zoom into. |
 | **Head grid** | Every layer × head as a thumbnail on one screen: spot previous-token, first-token (sink) and diagonal heads at a glance; click one to open it. |
+| **Head importance** | Which heads matter (gradient, ablation, confidence, entropy) and what each does (previous-token, sink, induction… scores) on a layer × head grid; click a head for its map and top token pairs; pruning curves mask heads least-important first. |
 | **bertviz views** | The classic bertviz head view and model view, rendered offline, for inputs up to 128 tokens. |
 """
 )

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import re
+import runpy
 from pathlib import Path
 from urllib.parse import urlencode
 
 import streamlit as st
+from streamlit.runtime.pages_manager import PagesManager
 
 from backend.analyses import AnalysisRequest
 from backend.errors import AtlasError
@@ -16,15 +18,15 @@ from backend.store import AnalysisRecord
 from backend.worker import JobStatus
 
 PAGES_DIR = Path(__file__).resolve().parent  # absolute: the app may be started from anywhere
-# name: (title, icon, url path); the first is the default page. A url path must differ from
-# every file name here: on a fresh server, Streamlit's legacy pages-folder mode would otherwise
-# run a linked page's file alone, without app.py, for the first request.
+# name (the file pages/<name>.py, also its URL path): (title, icon); the first is the default.
 PAGES = {
-    "overview": ("Overview", ":material/home:", "home"),
-    "explore": ("Explore", ":material/grid_on:", "attention"),
-    "head_grid": ("Head grid", ":material/apps:", "heads"),
-    "rollout": ("Rollout & flow", ":material/account_tree:", "flow"),
-    "bertviz_views": ("bertviz views", ":material/timeline:", "bertviz"),
+    "overview": ("Overview", ":material/home:"),
+    "explore": ("Explore", ":material/grid_on:"),
+    "head_grid": ("Head grid", ":material/apps:"),
+    "head_importance": ("Head importance", ":material/leaderboard:"),
+    "rollout": ("Rollout & flow", ":material/account_tree:"),
+    "thought_anchors": ("Thought Anchors", ":material/psychology:"),
+    "bertviz_views": ("bertviz views", ":material/timeline:"),
 }
 ANALYSIS_PARAM = "a"
 
@@ -33,8 +35,8 @@ _ANALYSIS_ID = re.compile(r"^[0-9a-f]{24}$")
 
 def page(name: str) -> st.Page:
     """The page `name` (its file is pages/<name>.py), for navigation and links."""
-    title, icon, url_path = PAGES[name]
-    return st.Page(PAGES_DIR / f"{name}.py", title=title, icon=icon, url_path=url_path,
+    title, icon = PAGES[name]
+    return st.Page(PAGES_DIR / f"{name}.py", title=title, icon=icon, url_path=name,
                    default=name == next(iter(PAGES)))
 
 
@@ -161,7 +163,9 @@ def require_analysis() -> AnalysisRecord | None:
 
 def share_link(params: dict) -> None:
     """A copyable link that reopens exactly this view (the code block has a copy button)."""
-    query = urlencode({k: v for k, v in params.items() if v is not None}, doseq=True)
+    shown = {k: ("true" if v is True else v) for k, v in params.items()
+             if v is not None and v is not False}
+    query = urlencode(shown, doseq=True)
     base = st.context.url or ""
     st.caption("Link to this view (copy it with the button on the right):")
     st.code(f"{base}?{query}", language=None)
@@ -174,3 +178,18 @@ def plain(text: str) -> str:
     """User text made inert inside markdown labels: no markup, no HTML, shown as typed."""
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def _leave_legacy_pages_mode() -> None:
+    """Streamlit runs apps with a pages/ folder in its legacy mode until app.py first calls
+    st.navigation: on a fresh server the first request for a page URL runs that page's file
+    alone (no sidebar, no navigation). Run app.py instead, once, and stop the page's own run.
+    (URL paths equal file names, so that first request finds the file rather than a
+    "page not found" dialog.)"""
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        runpy.run_path(str(PAGES_DIR.parent / "app.py"), run_name="__main__")
+        st.stop()
+
+
+_leave_legacy_pages_mode()  # last: app.py, run from here, imports this module's names

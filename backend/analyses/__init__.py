@@ -4,7 +4,7 @@ A computation takes (job context, request, analysis id) and returns the Analysis
 named arrays to store.
 """
 
-from backend.analyses import attention, rollout
+from backend.analyses import attention, heads, rollout, thought_anchors
 from backend.analyses.request import (CODE_VERSION, MAX_TEXT_CHARS, AnalysisRequest,
                                       analysis_id)
 from backend.errors import InputError
@@ -13,11 +13,23 @@ ANALYSES = {
     "attention": attention.compute_attention,
     "attention_flow": rollout.compute_flow,
     "gradient_rollout": rollout.compute_gradient_rollout,
+    "head_importance": heads.compute_head_importance,
+    "head_roles": heads.compute_head_roles,
+    "pruning_curve": heads.compute_pruning_curve,
+    "ta_trace": thought_anchors.compute_trace,
+    "ta_generate": thought_anchors.compute_generation,
+    "ta_receivers": thought_anchors.compute_receivers,
+    "ta_suppression": thought_anchors.compute_suppression,
+    "ta_resampling": thought_anchors.compute_resampling,
 }
+# Kinds that save partial results as they go (and so resume): they also get the store.
+RESUMABLE = {"ta_resampling"}
 
 
-def compute(ctx, request: AnalysisRequest, aid: str):
+def compute(ctx, request: AnalysisRequest, aid: str, store):
     """(AnalysisRecord, {name: array}) of the request's kind."""
+    if request.kind in RESUMABLE:
+        return ANALYSES[request.kind](ctx, request, aid, store)
     return ANALYSES[request.kind](ctx, request, aid)
 
 

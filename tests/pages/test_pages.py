@@ -117,3 +117,25 @@ def test_rollout_page_shows_the_four_methods(service, default_id):
     at.toggle(key="no_sink").set_value(True).run()
     assert "first token excluded" in at.subheader[0].value
     assert "no_sink=true" in at.code[-1].value
+
+
+def test_thought_anchors_page_on_an_own_trace(service):
+    from tests.backend.test_thought_anchors_analyses import PROBLEM, SOLUTION
+
+    base = dict(problem=PROBLEM, answer="9")
+    trace = service.run(AnalysisRequest.make("ta_trace", "smollm2", SOLUTION, **base))
+    service.run(AnalysisRequest.make("ta_receivers", "smollm2", SOLUTION, **base))
+    at = app("pages/thought_anchors.py", t=trace)
+    assert not at.exception and not at.error
+    assert at.selectbox(key="ta_metric").value == "receiver_score"
+    shown = " ".join(str(h.proto.body) for h in at.get("html"))
+    assert "Then 27 pencils cost 27/3 = 9 dollars." in shown
+    assert at.selectbox(key="ta_matrix").value == "Attention (receiver heads)"
+    at.selectbox(key="ta_s").set_value(1).run()
+    assert at.subheader[0].value == "Sentence 1"
+    assert f"t={trace}" in at.code[-1].value and "ta_s=1" in at.code[-1].value
+
+
+def test_thought_anchors_page_with_an_unknown_trace():
+    at = app("pages/thought_anchors.py", t="f" * 24)
+    assert any("No analysis" in w.value for w in at.warning)

