@@ -8,6 +8,8 @@ the trace, so the white-box passes see what the resampling continues from.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -152,6 +154,7 @@ def compute_resampling(ctx, request: AnalysisRequest, aid: str, store):
     for row in store.load_rollouts(aid):
         key = (row["chunk_idx"], row["forced"])
         done[key] = done.get(key, 0) + 1
+    started, sampled = time.monotonic(), 0
     for i in range(len(chunks)):
         prefix = (clean_resampling_prefix(request.text, i) if params.get("prefix") == "clean"
                   else resampling_prefix(chunks, i))
@@ -159,9 +162,10 @@ def compute_resampling(ctx, request: AnalysisRequest, aid: str, store):
             missing = n_rollouts - done.get((i, forced), 0)
             if missing <= 0:
                 continue
+            rate = f", {sampled / (time.monotonic() - started):.2f} rollouts/s" if sampled else ""
             ctx.progress(0.3 + 0.6 * i / len(chunks),
                          f"Chunk {i + 1}/{len(chunks)}: {missing} {'forced ' if forced else ''}"
-                         "rollouts")
+                         f"rollouts{rate}")
             ids = lm.tokenizer(rollout_prompt(params.get("problem", ""), prefix, forced))[
                 "input_ids"]
             texts = sample_continuations(
@@ -172,6 +176,7 @@ def compute_resampling(ctx, request: AnalysisRequest, aid: str, store):
                                                                                    missing))
             store.save_rollouts(aid, _rollout_rows(texts, forced, n_rollouts - missing, i,
                                                    reference))
+            sampled += missing
     ctx.progress(0.92, "Embedding resampled sentences and computing the metrics")
     saved = store.load_rollouts(aid)
     rollouts = [Rollout(r["chunk_idx"], r["chunk_resampled"], r["answer"], r["is_correct"],
