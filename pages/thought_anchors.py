@@ -76,6 +76,9 @@ def choose_trace() -> None:
     if source == SOURCES[0]:
         problem, answer, own = REASONING_EXAMPLE["problem"], REASONING_EXAMPLE["answer"], ""
         st.markdown(f"**Problem:** {shared.plain(problem)}  \n**Answer:** {answer}")
+        # A trace from a link stays open until the user asks for the example.
+        if st.query_params.get(TRACE_PARAM) and not st.button("Open the worked example"):
+            return
     else:
         problem = st.text_area("Problem", key="ta_problem")
         answer = st.text_input("Reference answer (optional)", key="ta_answer")

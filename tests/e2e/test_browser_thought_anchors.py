@@ -31,8 +31,8 @@ def test_import_a_published_trace_and_open_its_link_elsewhere(page, app_url, bro
     wait_idle(page)
     expect(page).to_have_url(re.compile(r"[?&]t=[0-9a-f]{24}"))
     first_chunk = __import__("json").loads((TRACE / "chunks_labeled.json").read_text())[0]["chunk"]
-    expect(page.get_by_text(first_chunk, exact=True).first).to_be_visible()
-    expect(page.locator("[data-testid='stVegaLiteChart']").first).to_be_visible()
+    expect(page.get_by_text(first_chunk, exact=True).first).to_be_visible(timeout=60_000)
+    expect(page.locator("[data-testid='stVegaLiteChart']").first).to_be_visible(timeout=60_000)
 
     link = page.locator("[data-testid='stCode'] code").last.inner_text().strip()
     assert re.search(r"[?&]t=[0-9a-f]{24}", link)
@@ -40,5 +40,5 @@ def test_import_a_published_trace_and_open_its_link_elsewhere(page, app_url, bro
     other = browser.new_context().new_page()
     other.goto(link)
     wait_idle(other)
-    expect(other.get_by_text(first_chunk, exact=True).first).to_be_visible()
+    expect(other.get_by_text(first_chunk, exact=True).first).to_be_visible(timeout=60_000)
     assert dialogs == []
