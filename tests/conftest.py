@@ -7,6 +7,7 @@ from the installed packages and take ~30 s to rebuild); everything else starts e
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -60,3 +61,20 @@ def service(settings):
     yield svc
     svc.worker.shutdown()
     svc.store.close()
+
+
+_exit_status = 0
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    # Native thread pools (DuckDB's, torch's) can abort the interpreter's teardown after the run
+    # has finished and reported ("terminate called without an active exception"): leave now,
+    # with pytest's own exit status.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
