@@ -198,6 +198,10 @@ class AtlasService:
         """The whole (query, key) matrix mean-pooled to at most bins x bins."""
         return bin_matrix(self.attention_matrix(aid, layer, head), bins)
 
+    def array_names(self, aid: str) -> list[str]:
+        """Names of the arrays an analysis stored (what a view can show of it)."""
+        return self.store.array_names(aid)
+
     def array(self, aid: str, name: str) -> np.ndarray:
         """A stored result array of any analysis kind (small ones: flow, rollouts, scores)."""
         return self.store.load_array(aid, name)

@@ -37,7 +37,7 @@ def _matrices(trace_id: str, record, parts: dict) -> dict[str, np.ndarray]:
     if record.kind == "ta_published":
         for name, label in (("counterfactual", "Counterfactual (published)"),
                             ("suppression_normalized", "Suppression (published)")):
-            if name in service.store.array_names(trace_id):
+            if name in service.array_names(trace_id):
                 found[label] = service.array(trace_id, name)
     if parts.get("suppression"):
         found["Suppression (log KL, row-centred)"] = service.array(parts["suppression"],
@@ -124,7 +124,7 @@ def per_sentence_scores(trace_id, record, parts) -> dict[str, np.ndarray]:
     sources = [trace_id] if record.kind == "ta_published" else []
     sources += [parts[p] for p in ("resampling",) if parts.get(p)]
     for aid in sources:
-        names = set(service.store.array_names(aid))
+        names = set(service.array_names(aid))
         scores.update({m: service.array(aid, m) for m in METRICS if m in names})
     if parts.get("receivers"):
         scores["receiver_score"] = service.array(parts["receivers"], "receiver_scores")
