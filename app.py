@@ -8,10 +8,7 @@ from backend.analyses import AnalysisRequest
 from backend.examples import DEFAULT_EXAMPLE, EXAMPLES
 from backend.models import DEFAULT_CAUSAL, PACKAGED
 from pages import shared
-
-OTHER_MODEL = "other"
-MODEL_LABELS = {**{alias: f"{m.label} (offline)" for alias, m in PACKAGED.items()},
-                OTHER_MODEL: "Other: hub id, local folder or .gguf file"}
+from pages.shared import OTHER_MODEL
 
 
 def _load_example() -> None:
@@ -46,12 +43,7 @@ def sidebar() -> None:
         st.title("Attention Atlas")
         st.selectbox("Example", list(EXAMPLES), key="example", index=None,
                      placeholder="Load an example…", on_change=_load_example)
-        choice = st.selectbox("Model", list(MODEL_LABELS), key="model_choice",
-                              format_func=MODEL_LABELS.get)
-        model = choice
-        if choice == OTHER_MODEL:
-            model = st.text_input("Hub id, model folder or .gguf file", key="other_model",
-                                  placeholder="Qwen/Qwen2.5-0.5B or my-model/ or model.gguf")
+        model = shared.model_picker("Model", "model_choice", "other_model")
         text = st.text_area("Text", key="text", height=160)
         limit = shared.service().settings.max_tokens
         st.caption(f"Up to {limit:,} tokens.")

@@ -15,6 +15,10 @@ EXAMPLES = {
 }
 DEFAULT_EXAMPLE = next(iter(EXAMPLES))
 
+# The Compare page's first pair: one word changes what "it" refers to.
+COMPARISON_EXAMPLE = (EXAMPLES[DEFAULT_EXAMPLE][1],
+                      EXAMPLES[DEFAULT_EXAMPLE][1].replace("too big", "too small"))
+
 # The worked Thought Anchors problem: the default model writes its own trace for it.
 REASONING_EXAMPLE = {
     "problem": "A shop sells pencils at 3 for $1. How many dollars do 27 pencils cost?",

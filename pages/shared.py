@@ -13,6 +13,7 @@ from streamlit.runtime.pages_manager import PagesManager
 
 from backend.analyses import AnalysisRequest
 from backend.errors import AtlasError
+from backend.models import PACKAGED
 from backend.service import AtlasService
 from backend.store import AnalysisRecord
 from backend.worker import JobStatus
@@ -26,9 +27,13 @@ PAGES = {
     "head_importance": ("Head importance", ":material/leaderboard:"),
     "rollout": ("Rollout & flow", ":material/account_tree:"),
     "thought_anchors": ("Thought Anchors", ":material/psychology:"),
+    "compare": ("Compare", ":material/compare:"),
     "bertviz_views": ("bertviz views", ":material/timeline:"),
 }
 ANALYSIS_PARAM = "a"
+OTHER_MODEL = "other"
+MODEL_LABELS = {**{alias: f"{m.label} (offline)" for alias, m in PACKAGED.items()},
+                OTHER_MODEL: "Other: hub id, local folder or .gguf file"}
 
 _ANALYSIS_ID = re.compile(r"^[0-9a-f]{24}$")
 
@@ -151,6 +156,11 @@ def require_analysis() -> AnalysisRecord | None:
         else:
             st.info("Enter a text in the sidebar and press **Analyse**.")
         return None
+    return load_analysis(aid)
+
+
+def load_analysis(aid: str) -> AnalysisRecord | None:
+    """The analysis `aid` (from a link), or a clear message why it cannot be shown."""
     if not _ANALYSIS_ID.match(aid):
         st.error("This link's analysis id is malformed: it should be 24 hexadecimal characters.")
         return None
@@ -159,6 +169,15 @@ def require_analysis() -> AnalysisRecord | None:
     except AtlasError as e:
         st.warning(f"{e} It may have been computed on another server: analyse the text again.")
         return None
+
+
+def model_picker(label: str, key: str, other_key: str) -> str:
+    """A model reference: an offline model from the list, or a typed hub id, folder or file."""
+    choice = st.selectbox(label, list(MODEL_LABELS), key=key, format_func=MODEL_LABELS.get)
+    if choice != OTHER_MODEL:
+        return choice
+    return st.text_input("Hub id, model folder or .gguf file", key=other_key,
+                         placeholder="Qwen/Qwen2.5-0.5B or my-model/ or model.gguf")
 
 
 def share_link(params: dict) -> None:
