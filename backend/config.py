@@ -7,6 +7,7 @@ ATLAS_MAX_TOKENS  longest input analysed (default: 1024)
 ATLAS_DEVICE      "cpu", "cuda", "cuda:1"... (default: cuda when present, else cpu)
 ATLAS_ALLOW_HUB   "0" refuses hub ids (default "1": load them when the hub or its cache has them)
 ATLAS_CONVERTED_DIR  where GGUF models converted to safetensors are kept (default: <cache>/models)
+ATLAS_LESSONS_DIR the folder of lesson files the Lessons page lists (default: ./lessons)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Settings:
     device: str | None = None
     allow_hub: bool = True
     converted_dir: Path | None = None
+    lessons_dir: Path = REPO_ROOT / "lessons"
 
     @property
     def database_path(self) -> Path:
@@ -50,4 +52,6 @@ class Settings:
             allow_hub=env.get("ATLAS_ALLOW_HUB", "1") != "0",
             converted_dir=Path(env["ATLAS_CONVERTED_DIR"]).resolve()
             if env.get("ATLAS_CONVERTED_DIR") else None,
+            lessons_dir=Path(env.get("ATLAS_LESSONS_DIR", REPO_ROOT / "lessons")).expanduser()
+            .resolve(),
         )

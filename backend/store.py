@@ -18,7 +18,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-from backend.errors import NotFoundError
+from backend.errors import AtlasError, NotFoundError
 
 # Each migration moves the schema from version i to i + 1; never edit a released one.
 MIGRATIONS: list[str] = [
@@ -90,7 +90,12 @@ class Store:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._con = duckdb.connect(str(self.path))
+        try:
+            self._con = duckdb.connect(str(self.path))
+        except duckdb.IOException as e:
+            raise AtlasError(f"Cannot open the cache {self.path}: {e}. DuckDB lets one process "
+                             "use a cache file: stop the process holding it (a running app?) "
+                             "or set ATLAS_CACHE_DIR to another folder.") from None
         self._lock = threading.Lock()  # serialises writers; readers use their own cursors
         self._migrate()
 

@@ -4,7 +4,7 @@ import numpy as np
 import streamlit as st
 
 from backend.analyses import AnalysisRequest
-from backend.analyses.rollout import FLOW_MAX_TOKENS
+from backend.analyses.rollout import AUTO_FLOW_TOKENS, FLOW_MAX_TOKENS
 from pages import shared
 from viz import export
 from viz.heatmap import attention_heatmap, binned_heatmap
@@ -12,7 +12,6 @@ from viz.token_text import highlighted_tokens
 from viz.token_view import attention_bars
 
 DETAIL_MAX = 96
-AUTO_FLOW_TOKENS = 64  # flow starts by itself up to here; longer inputs ask first
 FUSIONS = ["mean", "max", "min"]
 
 EXPLANATIONS = """

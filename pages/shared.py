@@ -28,6 +28,7 @@ PAGES = {
     "rollout": ("Rollout & flow", ":material/account_tree:"),
     "thought_anchors": ("Thought Anchors", ":material/psychology:"),
     "compare": ("Compare", ":material/compare:"),
+    "lessons": ("Lessons", ":material/school:"),
     "bertviz_views": ("bertviz views", ":material/timeline:"),
 }
 ANALYSIS_PARAM = "a"
@@ -180,13 +181,16 @@ def model_picker(label: str, key: str, other_key: str) -> str:
                          placeholder="Qwen/Qwen2.5-0.5B or my-model/ or model.gguf")
 
 
-def share_link(params: dict) -> None:
-    """A copyable link that reopens exactly this view (the code block has a copy button)."""
+def share_link(params: dict, caption: str = "Link to this view") -> None:
+    """A copyable link that reopens exactly this view (the code block has a copy button).
+    Inside a lesson the lesson shows its step's link instead."""
+    if st.session_state.get("in_lesson"):
+        return
     shown = {k: ("true" if v is True else v) for k, v in params.items()
              if v is not None and v is not False}
     query = urlencode(shown, doseq=True)
     base = st.context.url or ""
-    st.caption("Link to this view (copy it with the button on the right):")
+    st.caption(f"{caption} (copy it with the button on the right):")
     st.code(f"{base}?{query}", language=None)
 
 

@@ -15,6 +15,7 @@ from backend.methods.tokens import tokenize
 from backend.store import AnalysisRecord
 
 FLOW_MAX_TOKENS = 256
+AUTO_FLOW_TOKENS = 64  # views start flow by themselves up to here; longer inputs ask first
 
 
 def _record(request: AnalysisRequest, aid: str, lm, n_tokens: int) -> AnalysisRecord:

@@ -1,0 +1,93 @@
+"""Compute every analysis a set of lessons shows, so a class never waits.
+
+    python -m backend.precompute [lessons folder]      (default: the app's lessons folder)
+
+Results go to the app's cache (ATLAS_CACHE_DIR); run it while the app is stopped, since DuckDB
+lets one process use a cache file at a time. Analyses already cached are skipped, so running it
+again is cheap and resumes an interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from backend.errors import AtlasError
+from backend.lessons import LessonSet, read_lessons, step_requests
+from backend.service import AtlasService
+
+POLL_S = 0.5
+
+
+def precompute(lessons: LessonSet, service: AtlasService, bar: tqdm | None = None) -> dict:
+    """Run every step's requests; returns counts of computed, cached and failed analyses
+    (failures keep their message)."""
+    report = {"computed": 0, "cached": 0, "failed": {}}
+    for lesson in lessons.lessons:
+        for number, step in enumerate(lesson.steps, 1):
+            where = f"{lesson.slug} step {number}"
+            if bar is not None:
+                bar.set_description(where)
+            try:
+                for request in step_requests(lesson, step, service):
+                    _run(request, service, report, bar)
+            except AtlasError as e:
+                report["failed"][where] = str(e)
+            if bar is not None:
+                bar.update(1)
+    return report
+
+
+def _run(request, service: AtlasService, report: dict, bar: tqdm | None) -> None:
+    ticket = service.submit(request)
+    if ticket.analysis_id:
+        report["cached"] += 1
+        return
+    while not (status := service.job_status(ticket.job_id)).finished:
+        if bar is not None:
+            bar.set_postfix_str(f"{request.kind}: {status.stage} {status.fraction:.0%}",
+                                refresh=True)
+        time.sleep(POLL_S)
+    service.job_result(ticket.job_id)  # raises the job's error
+    report["computed"] += 1
+    if bar is not None:
+        bar.set_postfix_str("")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backend.precompute",
+                                     description="Cache every analysis of a lesson set.")
+    parser.add_argument("folder", nargs="?", type=Path,
+                        help="the lessons folder (default: ATLAS_LESSONS_DIR or ./lessons)")
+    args = parser.parse_args(argv)
+    try:
+        service = AtlasService()
+    except AtlasError as e:
+        print(e, file=sys.stderr)
+        return 2
+    folder = args.folder or service.settings.lessons_dir
+    if not folder.is_dir():
+        print(f"No lessons folder at {folder}.", file=sys.stderr)
+        return 2
+    lessons = read_lessons(folder)
+    for name, error in lessons.errors.items():
+        print(f"Skipped {name}: {error}", file=sys.stderr)
+    steps = sum(len(lesson.steps) for lesson in lessons.lessons)
+    print(f"{len(lessons.lessons)} lessons, {steps} steps, into {service.settings.cache_dir}")
+    started = time.monotonic()
+    with tqdm(total=steps, unit="step") as bar:
+        report = precompute(lessons, service, bar)
+    print(f"Done in {time.monotonic() - started:.0f} s: {report['computed']} analyses computed, "
+          f"{report['cached']} already cached.")
+    for where, error in report["failed"].items():
+        print(f"Failed: {where}: {error}", file=sys.stderr)
+    service.worker.shutdown()
+    return 1 if report["failed"] or lessons.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

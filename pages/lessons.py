@@ -1,0 +1,151 @@
+"""Lessons: a gallery of guided lessons. Each step tells a short story around a prepared analysis,
+shown on the app's own page for it. Presenter mode: large type, controls hidden, one step per
+screen; every step is a link that reopens it."""
+
+import runpy
+from html import escape
+from urllib.parse import urlencode
+
+import streamlit as st
+
+from backend.lessons import Lesson, read_lessons
+from pages import shared
+
+LESSON, STEP, PRESENT = "lesson", "step", "present"
+B_PARAM = "b"
+PRESENTER_CSS = """<style>
+section[data-testid="stSidebar"], [data-testid="stSidebarCollapsedControl"],
+[data-testid="stExpandSidebarButton"], header[data-testid="stHeader"] {display: none !important;}
+.st-key-lesson_view :is([data-testid="stSlider"], [data-testid="stSelectbox"],
+  [data-testid="stButtonGroup"], [data-testid="stCheckbox"], [data-testid="stNumberInput"],
+  [data-testid="stTextArea"], [data-testid="stTextInput"], [data-testid="stButton"],
+  [data-testid="stDownloadButton"], [data-testid="stExpander"], [data-testid="stFileUploader"],
+  [data-testid="stRadio"], [data-testid="stMultiSelect"]) {display: none !important;}
+.st-key-lesson_text :is(p, li, span) {font-size: 1.55rem !important; line-height: 1.45;}
+.st-key-lesson_text h3 {font-size: 2.6rem !important;}
+</style>"""
+LINK_CSS = """
+.atlas-links {display: flex; flex-wrap: wrap; gap: 0.4rem;}
+.atlas-links a {padding: 0.3rem 0.8rem; border: 1px solid rgba(49, 51, 63, 0.25);
+  border-radius: 0.5rem; text-decoration: none; color: inherit;}
+.atlas-links a:hover {border-color: #ff4b4b; color: #ff4b4b;}
+"""
+
+
+def step_link(lesson: Lesson, index: int, present: bool) -> str:
+    """The step's link: the lesson, the step, its page's settings and its analyses. Opening it
+    loads the page afresh, so every setting comes from the link (as for a colleague)."""
+    params = {LESSON: lesson.slug, STEP: index + 1, **lesson.steps[index].params,
+              **_cached_ids(lesson, index), **({PRESENT: "true"} if present else {})}
+    return "?" + urlencode(params)
+
+
+def _cached_ids(lesson: Lesson, index: int) -> dict[str, str]:
+    main, second = _requests(lesson, index)
+    ids = {"a": shared.service().cached(main)}
+    if second is not None:
+        ids[B_PARAM] = shared.service().cached(second)
+    return {key: aid for key, aid in ids.items() if aid}
+
+
+def _requests(lesson: Lesson, index: int):
+    main, second = lesson.requests()
+    if lesson.steps[index].page == "compare" and second is None:
+        second = main
+    return main, second
+
+
+def _links(links: list[tuple[str, str, str]]) -> None:
+    """A row of buttons that are plain links (label, href, aria label)."""
+    anchors = "".join(f'<a href="{escape(href)}" aria-label="{escape(name)}">{escape(label)}</a>'
+                      for label, href, name in links)
+    st.html(f"<style>{LINK_CSS}</style><nav class='atlas-links'>{anchors}</nav>")
+
+
+def gallery(found, folder) -> None:
+    st.header("Lessons")
+    st.caption(f"Guided lessons for a class. Each is a Markdown file in the lessons folder "
+               f"({shared.plain(folder.name)}/): copy one, edit it, and it appears here. "
+               "Prepare a class with `python -m backend.precompute` so no step waits.")
+    for name, error in found.errors.items():
+        st.warning(f"{shared.plain(name)} could not be read: {shared.plain(error)}")
+    columns = st.columns(3)
+    for i, lesson in enumerate(found.lessons):
+        with columns[i % 3].container(border=True):
+            st.markdown(f"**{shared.plain(lesson.title)}**")
+            st.caption(f"{shared.plain(lesson.summary)}  \n{len(lesson.steps)} steps")
+            _links([("Open", step_link(lesson, 0, False), f"Open {lesson.title}"),
+                    ("Present", step_link(lesson, 0, True), f"Present {lesson.title}")])
+
+
+def _analyses(lesson: Lesson, index: int) -> dict[str, str] | None:
+    """The lesson's analysis ids as link parameters (computed with progress if not cached)."""
+    main, second = _requests(lesson, index)
+    ids = {"a": shared.derived(main, "Preparing the lesson's analysis")}
+    if second is not None:
+        ids[B_PARAM] = shared.derived(second, "Preparing the second analysis")
+    return ids if all(ids.values()) else None
+
+
+def _navigation(lesson: Lesson, index: int, present: bool) -> list[tuple[str, str, str]]:
+    """Previous, every step, next, presenter mode on/off, the gallery: all links."""
+    links = [("← Previous", step_link(lesson, index - 1, present), "Previous step")
+             ] if index > 0 else []
+    links += [(str(i + 1), step_link(lesson, i, present), f"Step {i + 1}: {step.title}")
+              for i, step in enumerate(lesson.steps)]
+    if index < len(lesson.steps) - 1:
+        links.append(("Next →", step_link(lesson, index + 1, present), "Next step"))
+    mode = "Leave presenter mode" if present else "Present"
+    return links + [(mode, step_link(lesson, index, not present), mode),
+                    ("All lessons", "?", "All lessons")]
+
+
+def show(lesson: Lesson, index: int, present: bool) -> None:
+    step, n = lesson.steps[index], len(lesson.steps)
+    if present:
+        st.html(PRESENTER_CSS)
+    with st.container(key="lesson_text"):
+        st.caption(f"{shared.plain(lesson.title)} · step {index + 1} of {n}")
+        st.subheader(shared.plain(step.title))
+        if index == 0 and lesson.intro:
+            st.markdown(lesson.intro)
+        st.markdown(step.narrative)
+        if step.look:
+            st.info(f"**Look:** {step.look}", icon=":material/visibility:")
+        if step.question:
+            st.success(f"**Question for the class:** {step.question}", icon=":material/help:")
+        if step.caveat:
+            st.warning(f"**Caveat:** {step.caveat}", icon=":material/warning:")
+    with st.container(key="lesson_nav"):
+        _links(_navigation(lesson, index, present))
+    ids = _analyses(lesson, index)
+    if ids is None:
+        return
+    shared.open_analysis(ids["a"])
+    if B_PARAM in ids:
+        st.query_params[B_PARAM] = ids[B_PARAM]
+    st.session_state["in_lesson"] = True  # the page's own share link gives way to the step's
+    try:
+        with st.container(key="lesson_view", border=True):
+            runpy.run_path(str(shared.PAGES_DIR / f"{step.page}.py"))
+    finally:
+        del st.session_state["in_lesson"]
+    shared.share_link({key: st.query_params.get_all(key) for key in st.query_params},
+                      "Link to this step")
+
+
+folder = shared.service().settings.lessons_dir
+found = read_lessons(folder) if folder.is_dir() else None
+slug = st.query_params.get(LESSON)
+chosen = found.get(slug) if found and slug else None
+if found is None:
+    st.error(f"There is no lessons folder ({shared.plain(folder.name)}): set ATLAS_LESSONS_DIR.")
+elif chosen is None:
+    if slug:
+        st.warning(f"There is no lesson '{shared.plain(slug)}' here. Pick one below.")
+    gallery(found, folder)
+else:
+    raw_step = st.query_params.get(STEP, "1")
+    number = int(raw_step) if raw_step.isdigit() else 1
+    show(chosen, min(max(number, 1), len(chosen.steps)) - 1,
+         st.query_params.get(PRESENT) == "true")
