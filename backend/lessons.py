@@ -137,12 +137,13 @@ def _step(file_name: str, section: str) -> Step:
     title, _, body = section.partition("\n")
     fields: dict[str, list[str]] = {}
     narrative: list[str] = []
-    current = None  # a field's text runs on until a blank line
+    current = None  # look/question/caveat text runs on until a blank line
     for line in body.splitlines():
         match = _FIELD.match(line.strip())
         if match:
-            current = match.group(1).lower()
-            fields[current] = [match.group(2)]
+            name = match.group(1).lower()
+            fields[name] = [match.group(2)]
+            current = None if name == "view" else name  # a view is one line
         elif current and line.strip():
             fields[current].append(line.strip())
         else:

@@ -1,0 +1,109 @@
+"""Lesson files: the format, its errors, the shipped lessons, and the precompute command."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from backend.errors import InputError
+from backend.lessons import parse_view, read_lesson, read_lessons, step_requests
+from tests.conftest import REPO_ROOT
+
+LESSONS = REPO_ROOT / "lessons"
+
+LESSON = """\
+---
+title: A <b>test</b> lesson
+summary: Two steps.
+order: 3
+model: smollm2
+text: The cat sat on the mat.
+---
+Intro text.
+
+## First step
+view: explore?layer=2&head=mean&a=0123456789abcdef01234567
+Narrative line one.
+Look: the diagonal,
+which continues here.
+
+Question: why?
+Caveat: attention is not explanation.
+
+## Second step
+view: http://host:8501/rollout?depth=3&no_sink=true
+Only narrative.
+"""
+
+
+def write(tmp_path, name: str, source: str):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source), encoding="utf-8")
+    return path
+
+
+def test_a_lesson_file_is_read_into_steps(tmp_path):
+    lesson = read_lesson(write(tmp_path, "my-lesson.md", LESSON))
+    assert (lesson.slug, lesson.title, lesson.order, lesson.model) == (
+        "my-lesson", "A <b>test</b> lesson", 3, "smollm2")
+    assert lesson.intro == "Intro text."
+    first, second = lesson.steps
+    assert (first.title, first.page, first.params) == ("First step", "explore",
+                                                        {"layer": "2", "head": "mean"})
+    assert first.look == "the diagonal, which continues here."
+    assert (first.question, first.caveat) == ("why?", "attention is not explanation.")
+    assert first.narrative == "Narrative line one."
+    assert (second.page, second.params) == ("rollout", {"depth": "3", "no_sink": "true"})
+    assert lesson.requests()[1] is None
+
+
+@pytest.mark.parametrize("source, message", [
+    ("no header\n## Step\nview: explore\n", "no header"),
+    ("---\ntitle: [unclosed\n---\n## Step\nview: explore\n", "not valid YAML"),
+    ("---\ntitle: T\nmodel: smollm2\n---\n## Step\nview: explore\n", "needs text"),
+    ("---\ntitle: T\nmodel: m\ntext: t\n---\nNo steps.\n", "no steps"),
+    ("---\ntitle: T\nmodel: m\ntext: t\n---\n## Step\nJust words.\n", "no 'view:' line"),
+    ("---\ntitle: T\nmodel: m\ntext: t\n---\n## Step\nview: ../../etc/passwd\n", "shows 'passwd'"),
+])
+def test_bad_lesson_files_say_why_and_do_not_hide_the_others(tmp_path, source, message):
+    write(tmp_path, "bad.md", source)
+    write(tmp_path, "good.md", LESSON)
+    found = read_lessons(tmp_path)
+    assert [lesson.slug for lesson in found.lessons] == ["good"]
+    assert message in found.errors["bad.md"]
+    with pytest.raises(InputError, match="bad.md"):
+        read_lesson(tmp_path / "bad.md")
+
+
+def test_parse_view_accepts_a_copied_link_and_drops_analysis_ids():
+    assert parse_view("https://atlas.example/compare?a=x&b=y&cmp_layer=3") == (
+        "compare", {"cmp_layer": "3"})
+    assert parse_view("head_grid") == ("head_grid", {})
+
+
+def test_the_shipped_lessons_cover_the_classroom_topics():
+    found = read_lessons(LESSONS)
+    assert found.errors == {}
+    assert len(found.lessons) >= 6
+    pages = {step.page for lesson in found.lessons for step in lesson.steps}
+    assert {"explore", "head_grid", "head_importance", "rollout", "thought_anchors",
+            "compare"} <= pages
+    scores = {step.params.get("hi_score") for lesson in found.lessons for step in lesson.steps}
+    assert {"previous_token", "induction", "first_token", "gradient"} <= scores
+    caveats = " ".join(step.caveat for lesson in found.lessons for step in lesson.steps)
+    for caveat in ("not explanations", "residual stream", "sink token absorbs attention"):
+        assert caveat in caveats
+    for lesson in found.lessons:
+        assert lesson.summary and all(step.narrative for step in lesson.steps)
+        assert any(step.question for step in lesson.steps)
+        assert any(step.caveat for step in lesson.steps)
+
+
+def test_step_requests_follow_the_pages_defaults(service):
+    lesson = read_lessons(LESSONS).get("03-raw-rollout-flow")
+    main = lesson.requests()[0]
+    n_tokens = len(service.analysis(service.run(main, timeout=300)).meta["tokens"])
+    requests = [(r.kind, dict(r.params)) for r in step_requests(lesson, lesson.steps[0], service)]
+    assert requests == [("attention", {}), ("attention_flow", {"head_fusion": "mean"}),
+                        ("gradient_rollout", {"target": n_tokens - 1})]  # last token: causal
