@@ -135,7 +135,7 @@ def controls(ra, rb) -> dict:
     """The synchronised controls: A's layer and head drive B's unless unlinked."""
     ma, mb = ra.meta, rb.meta
     same = ra.id == rb.id
-    c1, c2, c3, c4, c5 = st.columns([3, 1, 2, 3, 1])
+    c1, c2, c3, c4, c5 = st.columns([3, 1.4, 1.8, 3, 1.4])
     layer_a = c1.slider("Layer", 0, ma["n_layers"] - 1, ma["n_layers"] // 2, key="cmp_layer",
                         bind="query-params")
     head_a = c2.selectbox("Head", [MEAN, *map(str, range(ma["n_heads"]))], key="cmp_head",
@@ -211,7 +211,7 @@ def focus_section(ra, rb, c: dict, alignment) -> int:
         right.altair_chart(paired_bars({side: r[unit] for side, r in rollouts.items()}, labels,
                                        f"Rollout after the last layer: {labels[unit]}"))
         right.metric("Rollout divergence (mean over queries)",
-                     f"{service.divergence(rollouts['A'], rollouts['B']):.3f} bits",
+                     f"{service.divergence(rollouts['A'], rollouts['B']):.4f} bits",
                      help="Rollout assumes the residual stream carries half of each layer.")
     return unit
 

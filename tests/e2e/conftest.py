@@ -1,7 +1,7 @@
 """A real server and Debian's chromium for end-to-end tests.
 
-The server runs `streamlit run app.py` as a user would, on its own fresh cache, so every test
-sees the product, not a test double.
+The server runs `streamlit run app.py` as a user would, on its own fresh cache with the shipped
+lessons precomputed into it, so every test sees the product, not a test double.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ def app_url(tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "ATLAS_CACHE_DIR": str(tmp_path_factory.mktemp("e2e-cache")),
            "HF_HUB_OFFLINE": "1"}
+    # As a teacher would before class (DuckDB lets one process use the cache: before the app).
+    prepared = subprocess.run([sys.executable, "-m", "backend.precompute", "lessons"],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if prepared.returncode != 0:
+        pytest.fail("Precomputing the lessons failed:\n" + prepared.stderr[-3000:])
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.port", str(port), "--browser.gatherUsageStats", "false",

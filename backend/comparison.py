@@ -1,0 +1,97 @@
+"""Comparing two analyses: shared units, aligned maps and how far they diverge.
+
+A part of AtlasService (it uses the service's `analysis`, `attention_layer`, `attention_matrix`
+and `rollout`); kept apart so the service module stays about requests and results.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from backend.errors import InputError
+from backend.methods.alignment import (SPANS, TOKENS, WORDS, Alignment, Side, align,
+                                       aligned_attention)
+from backend.methods.comparison import matching_layer, mean_row_divergence, spearman
+
+
+class Comparisons:
+    def alignment_levels(self, aid_a: str, aid_b: str) -> list[str]:
+        """Alignments that make sense for two attention analyses, finest first: tokens need one
+        tokenizer (one model), spans one text."""
+        a, b = self.analysis(aid_a), self.analysis(aid_b)
+        levels = [TOKENS] if a.model_fingerprint == b.model_fingerprint else []
+        return levels + ([SPANS] if a.text == b.text else []) + [WORDS]
+
+    @functools.lru_cache(maxsize=32)
+    def alignment(self, aid_a: str, aid_b: str, level: str) -> Alignment:
+        """The units two analyses share (see backend.methods.alignment)."""
+        def side(aid):
+            record = self.analysis(aid)
+            meta = record.meta
+            return Side(record.text, meta["token_ids"], meta["tokens"],
+                        [tuple(o) for o in meta["offsets"]], meta["special"])
+        return align(side(aid_a), side(aid_b), level)
+
+    def aligned_layer(self, aid: str, layer: int, membership: np.ndarray) -> np.ndarray:
+        """(head, unit, unit) one layer's attention on aligned units."""
+        return aligned_attention(self.attention_layer(aid, layer).astype(np.float32), membership)
+
+    def aligned_matrix(self, aid: str, layer: int, head: int | None,
+                       membership: np.ndarray) -> np.ndarray:
+        """(unit, unit) one head's aligned attention, or the head mean if head is None."""
+        heads = self.aligned_layer(aid, layer, membership)
+        return heads.mean(0) if head is None else heads[head]
+
+    def aligned_rollout(self, aid: str, membership: np.ndarray) -> np.ndarray:
+        """(unit, unit) attention rollout after the last layer (mean fusion), on aligned units."""
+        return aligned_attention(self.rollout(aid)[-1], membership)
+
+    @staticmethod
+    def divergence(a: np.ndarray, b: np.ndarray) -> float:
+        """Mean Jensen-Shannon divergence (bits) between the rows of two aligned maps."""
+        return float(mean_row_divergence(a, b))
+
+    @staticmethod
+    def matching_layer(layer: int, n_layers: int, n_layers_other: int) -> int:
+        """The other model's layer at the same relative depth."""
+        return matching_layer(layer, n_layers, n_layers_other)
+
+    @staticmethod
+    def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+        """Spearman correlation of two score arrays (e.g. head importance of two inputs)."""
+        return spearman(a, b)
+
+    @functools.lru_cache(maxsize=16)
+    def head_divergence(self, aid_a: str, aid_b: str, level: str) -> np.ndarray:
+        """(layer, head) mean Jensen-Shannon divergence between the two sides' aligned attention
+        rows, head by head. Both analyses must come from models of the same shape."""
+        alignment = self.alignment(aid_a, aid_b, level)
+        meta_a, meta_b = self.analysis(aid_a).meta, self.analysis(aid_b).meta
+        if (meta_a["n_layers"], meta_a["n_heads"]) != (meta_b["n_layers"], meta_b["n_heads"]):
+            raise InputError("Head-by-head divergence needs two models with the same layers "
+                             "and heads; compare layers instead.")
+        return np.stack([mean_row_divergence(self.aligned_layer(aid_a, layer, alignment.a),
+                                             self.aligned_layer(aid_b, layer, alignment.b))
+                         for layer in range(meta_a["n_layers"])])
+
+    @functools.lru_cache(maxsize=16)
+    def layer_divergence(self, aid_a: str, aid_b: str, level: str) -> np.ndarray:
+        """(layer of a, layer of b) mean Jensen-Shannon divergence between each pair of layers'
+        head-mean aligned attention: which layers of one model behave like which of the other."""
+        alignment = self.alignment(aid_a, aid_b, level)
+        maps_a = np.stack([self.aligned_layer(aid_a, layer, alignment.a).mean(0)
+                           for layer in range(self.analysis(aid_a).meta["n_layers"])])
+        maps_b = np.stack([self.aligned_layer(aid_b, layer, alignment.b).mean(0)
+                           for layer in range(self.analysis(aid_b).meta["n_layers"])])
+        return mean_row_divergence(maps_a[:, None], maps_b[None, :])
+
+    def head_similarity(self, aid: str, layer: int, head: int | None) -> np.ndarray:
+        """(layer, head) mean Jensen-Shannon divergence of every head of one analysis from one
+        head (or a layer's head mean): low values are heads with the same pattern."""
+        reference = self.attention_matrix(aid, layer, head)
+        n_layers = self.analysis(aid).meta["n_layers"]
+        return np.stack([mean_row_divergence(self.attention_layer(aid, other).astype(np.float32),
+                                             reference[None])
+                         for other in range(n_layers)])
