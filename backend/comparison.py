@@ -95,3 +95,10 @@ class Comparisons:
         return np.stack([mean_row_divergence(self.attention_layer(aid, other).astype(np.float32),
                                              reference[None])
                          for other in range(n_layers)])
+
+    @staticmethod
+    def top_cells(values: np.ndarray, k: int) -> list[tuple[int, int, float]]:
+        """The k largest cells of a (row, column) grid: (row, column, value), largest first."""
+        order = np.argsort(values, axis=None)[::-1][:k]
+        return [(int(r), int(c), float(values[r, c]))
+                for r, c in zip(*np.unravel_index(order, values.shape))]

@@ -3,14 +3,16 @@
     python -m backend.precompute [lessons folder]      (default: the app's lessons folder)
 
 Results go to the app's cache (ATLAS_CACHE_DIR); run it while the app is stopped, since DuckDB
-lets one process use a cache file at a time. Analyses already cached are skipped, so running it
-again is cheap and resumes an interrupted run.
+lets one process use a cache file at a time, or press "Prepare every lesson" in the running app
+(`Preparation`). Analyses already cached are skipped, so running it again is cheap and resumes an
+interrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,9 +25,9 @@ from backend.service import AtlasService
 POLL_S = 0.5
 
 
-def precompute(lessons: LessonSet, service: AtlasService, bar: tqdm | None = None) -> dict:
+def precompute(lessons: LessonSet, service: AtlasService, bar=None) -> dict:
     """Run every step's requests; returns counts of computed, cached and failed analyses
-    (failures keep their message)."""
+    (failures keep their message). `bar`: a tqdm bar or a Preparation, told of the progress."""
     report = {"computed": 0, "cached": 0, "failed": {}}
     for lesson in lessons.lessons:
         for number, step in enumerate(lesson.steps, 1):
@@ -42,7 +44,7 @@ def precompute(lessons: LessonSet, service: AtlasService, bar: tqdm | None = Non
     return report
 
 
-def _run(request, service: AtlasService, report: dict, bar: tqdm | None) -> None:
+def _run(request, service: AtlasService, report: dict, bar) -> None:
     ticket = service.submit(request)
     if ticket.analysis_id:
         report["cached"] += 1
@@ -56,6 +58,38 @@ def _run(request, service: AtlasService, report: dict, bar: tqdm | None) -> None
     report["computed"] += 1
     if bar is not None:
         bar.set_postfix_str("")
+
+
+class Preparation:
+    """precompute() on a background thread of a running app. It stands in for the command's
+    progress bar (the three calls precompute makes), so pages can read how far it got."""
+
+    def __init__(self, lessons: LessonSet, service: AtlasService):
+        self.total = sum(len(lesson.steps) for lesson in lessons.lessons)
+        self.done, self.where, self.detail = 0, "", ""
+        self.report: dict | None = None
+        self._thread = threading.Thread(target=self._run, args=(lessons, service), daemon=True,
+                                        name="atlas-lessons")
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def set_description(self, where: str) -> None:
+        self.where = where
+
+    def set_postfix_str(self, detail: str, refresh: bool = True) -> None:
+        self.detail = detail
+
+    def update(self, steps: int) -> None:
+        self.done += steps
+
+    def _run(self, lessons: LessonSet, service: AtlasService) -> None:
+        try:
+            self.report = precompute(lessons, service, self)
+        except Exception as e:  # keep the page able to say what happened
+            self.report = {"computed": 0, "cached": 0, "failed": {"preparation": str(e)}}
 
 
 def main(argv: list[str] | None = None) -> int:

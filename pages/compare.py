@@ -143,13 +143,14 @@ def controls(ra, rb) -> dict:
     linked = not same and c3.toggle("Link B to A", True, key="cmp_linked", bind="query-params",
                                     help="B follows A's layer (at the same relative depth when "
                                          "the models differ) and head.")
+    matching = shared.service().matching_layer(layer_a, ma["n_layers"], mb["n_layers"])
     if linked:
-        layer_b = shared.service().matching_layer(layer_a, ma["n_layers"], mb["n_layers"])
+        layer_b = matching
         head_b = head_a if head_a == MEAN or int(head_a) < mb["n_heads"] else MEAN
         c4.markdown(f"B: layer **{layer_b}**, head **{head_b}**")
     else:
-        layer_b = c4.slider("Layer (B)", 0, mb["n_layers"] - 1, min(layer_a, mb["n_layers"] - 1),
-                            key="cmp_layer_b", bind="query-params")
+        layer_b = c4.slider("Layer (B)", 0, mb["n_layers"] - 1, matching, key="cmp_layer_b",
+                            bind="query-params")
         head_b = c5.selectbox("Head (B)", [MEAN, *map(str, range(mb["n_heads"]))],
                               key="cmp_head_b", index=2 if same else 0, bind="query-params")
     levels = shared.service().alignment_levels(ra.id, rb.id)
@@ -189,9 +190,7 @@ def divergence_section(ra, rb, c: dict) -> None:
     st.altair_chart(score_grid(values, rows, columns, "Jensen-Shannon (bits)", title, cell=cell,
                                picked=picked), key="cmp_grid", on_select=_pick_from_grid,
                     selection_mode="grid_cell")
-    top = np.argsort(values, axis=None)[::-1][:TOP_HEADS]
-    ranked = ", ".join(f"{r}/{k} ({values[r, k]:.3f})"
-                       for r, k in zip(*np.unravel_index(top, values.shape)))
+    ranked = ", ".join(f"{r}/{k} ({v:.3f})" for r, k, v in service.top_cells(values, TOP_HEADS))
     st.caption(f"Click a cell to show it above. Largest ({rows}/{columns}): {ranked}.")
 
 
@@ -238,8 +237,7 @@ def importance_section(ra, rb) -> None:
                                    cell=int(np.clip(420 // n_heads, 10, 28)), signed=True))
     columns = st.columns(2)
     for column, record, values, side in zip(columns, (ra, rb), scores, "AB"):
-        top = np.argsort(values, axis=None)[::-1][:TOP_HEADS]
-        heads = ", ".join(f"{l}/{h}" for l, h in zip(*np.unravel_index(top, values.shape)))
+        heads = ", ".join(f"{l}/{h}" for l, h, _ in service.top_cells(values, TOP_HEADS))
         column.markdown(f"**{side}** ({shared.plain(record.meta['model_label'])}): most "
                         f"important heads (layer/head) {heads}")
         if scores[0].shape != scores[1].shape:

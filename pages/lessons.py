@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from backend.lessons import Lesson, read_lessons
+from backend.precompute import Preparation
 from pages import shared
 
 LESSON, STEP, PRESENT = "lesson", "step", "present"
@@ -62,11 +63,49 @@ def _links(links: list[tuple[str, str, str]]) -> None:
     st.html(f"<style>{LINK_CSS}</style><nav class='atlas-links'>{anchors}</nav>")
 
 
+@st.cache_resource
+def _preparations() -> dict[str, Preparation]:
+    """The preparation of each lessons folder, shared by every session of this server."""
+    return {}
+
+
+@st.fragment(run_every=1.0)
+def _preparation_progress(preparation: Preparation) -> None:
+    if preparation.running:
+        fraction = preparation.done / max(preparation.total, 1)
+        st.progress(fraction, text=f"Preparing the lessons: {preparation.where} "
+                                   f"({preparation.done} of {preparation.total} steps) "
+                                   f"{preparation.detail}")
+        return
+    st.rerun(scope="app")
+
+
+def preparation_panel(found, folder) -> None:
+    """Compute every lesson's analyses on this server, with progress (see backend.precompute)."""
+    preparation = _preparations().get(str(folder))
+    if preparation is not None and preparation.running:
+        _preparation_progress(preparation)
+        return
+    if preparation is not None and preparation.report:
+        report = preparation.report
+        st.success(f"Lessons prepared: {report['computed']} analyses computed, "
+                   f"{report['cached']} already cached.")
+        for where, error in report["failed"].items():
+            st.error(f"{shared.plain(where)}: {shared.plain(error)}")
+    if st.button("Prepare every lesson", icon=":material/bolt:",
+                 help="Computes what the lessons show and is not cached yet, so no step waits "
+                      "in class. It runs on the server: you can leave this page."):
+        _preparations()[str(folder)] = Preparation(found, shared.service())
+        st.rerun()
+
+
 def gallery(found, folder) -> None:
     st.header("Lessons")
     st.caption(f"Guided lessons for a class. Each is a Markdown file in the lessons folder "
                f"({shared.plain(folder.name)}/): copy one, edit it, and it appears here. "
-               "Prepare a class with `python -m backend.precompute` so no step waits.")
+               "Prepare a class below, or with `python -m backend.precompute`, so no step "
+               "waits.")
+    preparation_panel(found, folder)
     for name, error in found.errors.items():
         st.warning(f"{shared.plain(name)} could not be read: {shared.plain(error)}")
     columns = st.columns(3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -107,3 +109,14 @@ def test_malformed_lesson_links_explain_or_fall_back(service, precomputed, param
     assert not at.exception
     texts = [w.value for w in at.warning] + [c.value for c in at.caption]
     assert any(shown in t for t in texts), texts
+
+
+def test_the_running_app_prepares_every_lesson(service, precomputed):
+    at = open_lessons({})
+    next(b for b in at.button if b.label == "Prepare every lesson").click().run()
+    deadline = time.monotonic() + 120
+    while not at.success and time.monotonic() < deadline:
+        time.sleep(0.5)  # the preparation runs on a server thread; its fragment polls
+        at.run()
+    assert not at.exception
+    assert "0 analyses computed" in at.success[0].value  # all precomputed already
