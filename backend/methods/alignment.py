@@ -76,9 +76,15 @@ def align(a: Side, b: Side, level: str) -> Alignment:
 
 def aligned_attention(attention: np.ndarray, membership: np.ndarray) -> np.ndarray:
     """(..., query, key) attention of one side -> (..., unit, unit): query rows averaged over a
-    unit's tokens, key columns summed."""
-    rows = membership / np.maximum(membership.sum(1, keepdims=True), 1)
-    return rows @ attention @ membership.T
+    unit's tokens, key columns summed. membership: (unit, tokens) 0/1, each unit non-empty."""
+    units, tokens = np.nonzero(membership)  # ordered by unit, so each unit's tokens are a run
+    if units.size == 0:
+        return np.zeros((*attention.shape[:-2], 0, 0), dtype=attention.dtype)
+    starts = np.searchsorted(units, np.arange(membership.shape[0]))
+    sizes = np.diff(np.append(starts, units.size))
+    picked = attention[..., tokens, :][..., tokens]
+    rows = np.add.reduceat(picked, starts, axis=-2) / sizes[:, None]
+    return np.add.reduceat(rows, starts, axis=-1)
 
 
 def _snap(text: str, position: int) -> int:
