@@ -8,7 +8,6 @@ from backend.analyses import AnalysisRequest
 from backend.examples import DEFAULT_EXAMPLE, EXAMPLES
 from backend.models import DEFAULT_CAUSAL, PACKAGED
 from pages import shared
-from pages.shared import OTHER_MODEL
 
 
 def _load_example() -> None:
@@ -26,7 +25,7 @@ def _sync_inputs_with(aid: str | None) -> None:
     except Exception:  # malformed or unknown ids are reported by the page itself
         return
     known = record.model in PACKAGED
-    st.session_state.update(model_choice=record.model if known else OTHER_MODEL,
+    st.session_state.update(model_choice=record.model if known else shared.OTHER_MODEL,
                             text=record.text, other_model="" if known else record.model)
 
 

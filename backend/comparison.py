@@ -81,11 +81,13 @@ class Comparisons:
         """(layer of a, layer of b) mean Jensen-Shannon divergence between each pair of layers'
         head-mean aligned attention: which layers of one model behave like which of the other."""
         alignment = self.alignment(aid_a, aid_b, level)
-        maps_a = np.stack([self.aligned_layer(aid_a, layer, alignment.a).mean(0)
-                           for layer in range(self.analysis(aid_a).meta["n_layers"])])
-        maps_b = np.stack([self.aligned_layer(aid_b, layer, alignment.b).mean(0)
-                           for layer in range(self.analysis(aid_b).meta["n_layers"])])
-        return mean_row_divergence(maps_a[:, None], maps_b[None, :])
+        maps_b = [self.aligned_layer(aid_b, layer, alignment.b).mean(0)
+                  for layer in range(self.analysis(aid_b).meta["n_layers"])]
+        grid = []
+        for layer in range(self.analysis(aid_a).meta["n_layers"]):  # pair by pair: bounded memory
+            map_a = self.aligned_layer(aid_a, layer, alignment.a).mean(0)
+            grid.append([mean_row_divergence(map_a, map_b) for map_b in maps_b])
+        return np.array(grid)
 
     def head_similarity(self, aid: str, layer: int, head: int | None) -> np.ndarray:
         """(layer, head) mean Jensen-Shannon divergence of every head of one analysis from one

@@ -34,10 +34,13 @@ from urllib.parse import parse_qsl, urlsplit
 import yaml
 
 from backend.analyses import AnalysisRequest
-from backend.analyses.heads import METHODS
+from backend.analyses.heads import METHODS, ROLES
 from backend.analyses.rollout import AUTO_FLOW_TOKENS
+from backend.analyses.thought_anchors import (RESAMPLING_ROLLOUTS, RESAMPLING_TOKENS,
+                                              WORKED_EXAMPLE)
 from backend.errors import InputError
 from backend.examples import REASONING_EXAMPLE
+from backend.methods.rollout import HEAD_FUSIONS
 
 # Pages a step may show (the names of their files and links).
 VIEW_PAGES = ("explore", "head_grid", "head_importance", "rollout", "thought_anchors", "compare",
@@ -75,10 +78,11 @@ class Lesson:
     model_b: str | None = None
     text_b: str | None = None
 
-    def requests(self) -> tuple[AnalysisRequest, AnalysisRequest | None]:
-        """The attention analyses the lesson shows: its text, and the second side if any."""
+    def requests(self, step: Step) -> tuple[AnalysisRequest, AnalysisRequest | None]:
+        """The attention analyses a step shows: the lesson's text, and for a compare step the
+        second side (text_b / model_b; the same analysis twice compares two of its heads)."""
         main = AnalysisRequest.make("attention", self.model, self.text)
-        if self.model_b is None and self.text_b is None:
+        if step.page != "compare":
             return main, None
         return main, AnalysisRequest.make("attention", self.model_b or self.model,
                                           self.text_b or self.text)
@@ -110,7 +114,10 @@ def read_lessons(folder: Path) -> LessonSet:
 
 
 def read_lesson(path: Path) -> Lesson:
-    source = path.read_text(encoding="utf-8")
+    try:
+        source = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path.name}: not UTF-8 text.") from None
     match = _HEADER.match(source)
     if not match:
         raise InputError(f"{path.name}: no header: the file must start with a '---' block.")
@@ -118,9 +125,13 @@ def read_lesson(path: Path) -> Lesson:
         header = yaml.safe_load(match.group(1)) or {}
     except yaml.YAMLError as e:
         raise InputError(f"{path.name}: the header is not valid YAML: {e}") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path.name}: the header must be 'name: value' lines.")
     missing = [k for k in ("title", "model", "text") if not header.get(k)]
     if missing:
         raise InputError(f"{path.name}: the header needs {', '.join(missing)}.")
+    if not str(header.get("order", 100)).lstrip("-").isdecimal():
+        raise InputError(f"{path.name}: 'order' must be a whole number.")
     intro, *sections = re.split(r"^## +", source[match.end():], flags=re.MULTILINE)
     steps = tuple(_step(path.name, section) for section in sections)
     if not steps:
@@ -172,49 +183,61 @@ def parse_view(view: str) -> tuple[str, dict[str, str]]:
 
 
 def step_requests(lesson: Lesson, step: Step, service) -> Iterator[AnalysisRequest]:
-    """Every analysis the step's view shows, in order. The caller computes each request it is
-    given before asking for the next: later ones can depend on earlier results."""
-    main, second = lesson.requests()
+    """Every analysis the step's view shows, in order, with the page's own defaults for
+    settings the link leaves out or that its widgets would refuse. The caller computes each
+    request it is given before asking for the next: later ones can depend on earlier results."""
+    main, second = lesson.requests(step)
     yield main
     record = service.analysis(service.cached(main))
     params = step.params
     if step.page == "compare":
-        second = second or main
         yield second
         if params.get("cmp_importance") == "true":
             for request in (main, second):
                 yield AnalysisRequest.make("head_importance", request.model, request.text,
                                            method="gradient")
     elif step.page == "rollout":
-        n = len(record.meta["tokens"])
-        target = int(params["target"].split()[0]) if params.get("target") else (
-            n - 1 if record.meta["causal"] else 0)
-        if n <= AUTO_FLOW_TOKENS:
+        labels = record.meta["tokens"]
+        targets = {f"{i} {label}": i for i, label in enumerate(labels)}  # the widget's values
+        target = targets.get(params.get("target", ""),
+                             len(labels) - 1 if record.meta["causal"] else 0)
+        fusion = params.get("fusion") if params.get("fusion") in HEAD_FUSIONS else "mean"
+        if len(labels) <= AUTO_FLOW_TOKENS:
             yield AnalysisRequest.make("attention_flow", main.model, main.text,
-                                       head_fusion=params.get("fusion", "mean"))
+                                       head_fusion=fusion)
         yield AnalysisRequest.make("gradient_rollout", main.model, main.text, target=target)
     elif step.page == "head_importance":
         score = params.get("hi_score", METHODS[0])
         if score in METHODS:
             yield AnalysisRequest.make("head_importance", main.model, main.text, method=score)
+        elif score not in ROLES:  # the page falls back to its first score
+            yield AnalysisRequest.make("head_importance", main.model, main.text,
+                                       method=METHODS[0])
         yield AnalysisRequest.make("head_roles", main.model, main.text)
-        yield AnalysisRequest.make("pruning_curve", main.model, main.text,
-                                   method=params.get("hi_prune", METHODS[0]),
+        prune = params.get("hi_prune") if params.get("hi_prune") in METHODS else METHODS[0]
+        yield AnalysisRequest.make("pruning_curve", main.model, main.text, method=prune,
                                    recompute=params.get("hi_recompute") == "true")
-    elif step.page == "thought_anchors":
+    elif step.page == "thought_anchors" and params.get("ta_source", WORKED_EXAMPLE) == \
+            WORKED_EXAMPLE:
         yield from _worked_example_requests(main.model, params, service)
 
 
 def _worked_example_requests(model: str, params: dict[str, str],
                              service) -> Iterator[AnalysisRequest]:
     """The Thought Anchors page's worked example: the model writes a solution, which is split
-    into sentences and given the white-box passes."""
+    into sentences and given the white-box passes (and resampling when the link asks)."""
     problem, answer = REASONING_EXAMPLE["problem"], REASONING_EXAMPLE["answer"]
     generation = AnalysisRequest.make("ta_generate", model, problem)
     yield generation
     solution = service.analysis(service.cached(generation)).meta["solution"]
-    yield AnalysisRequest.make("ta_trace", model, solution, problem=problem, answer=answer)
-    yield AnalysisRequest.make("ta_receivers", model, solution, problem=problem, answer=answer)
+    base = {"problem": problem, "answer": answer}
+    yield AnalysisRequest.make("ta_trace", model, solution, **base)
+    yield AnalysisRequest.make("ta_receivers", model, solution, **base)
     if params.get("ta_supp") == "true":
-        yield AnalysisRequest.make("ta_suppression", model, solution, problem=problem,
-                                   answer=answer)
+        yield AnalysisRequest.make("ta_suppression", model, solution, **base)
+    if params.get("ta_resample") == "true":
+        rollouts = params.get("ta_r", "")
+        yield AnalysisRequest.make("ta_resampling", model, solution,
+                                   rollouts=int(rollouts) if rollouts.isdecimal() else
+                                   RESAMPLING_ROLLOUTS, max_new_tokens=RESAMPLING_TOKENS,
+                                   **base)

@@ -29,6 +29,7 @@ def precompute(lessons: LessonSet, service: AtlasService, bar=None) -> dict:
     """Run every step's requests; returns counts of computed, cached and failed analyses
     (failures keep their message). `bar`: a tqdm bar or a Preparation, told of the progress."""
     report = {"computed": 0, "cached": 0, "failed": {}}
+    seen: set[str] = set()  # steps share analyses: count each once
     for lesson in lessons.lessons:
         for number, step in enumerate(lesson.steps, 1):
             where = f"{lesson.slug} step {number}"
@@ -36,7 +37,9 @@ def precompute(lessons: LessonSet, service: AtlasService, bar=None) -> dict:
                 bar.set_description(where)
             try:
                 for request in step_requests(lesson, step, service):
-                    _run(request, service, report, bar)
+                    if request.canonical() not in seen:
+                        seen.add(request.canonical())
+                        _run(request, service, report, bar)
             except AtlasError as e:
                 report["failed"][where] = str(e)
             if bar is not None:

@@ -24,14 +24,14 @@ from backend.analyses import AnalysisRequest, analysis_id
 from backend.analyses.attention import layer_array_name
 from backend.analyses.thought_anchors import (PUBLISHED_FILES, as_published_trace,
                                              published_analysis)
+from backend.comparison import Comparisons
+from backend.config import Settings
 from backend.errors import InputError
+from backend.methods.binning import BinnedMatrix, bin_matrix
+from backend.methods.rollout import attention_rollout, exclude_first_token
 from backend.methods.thought_anchors.graph import incoming, top_links
 from backend.methods.thought_anchors.published import (read_published_trace,
                                                        write_published_trace)
-from backend.comparison import Comparisons
-from backend.config import Settings
-from backend.methods.binning import BinnedMatrix, bin_matrix
-from backend.methods.rollout import attention_rollout, exclude_first_token
 from backend.models import resolve_source, source_fingerprint
 from backend.store import AnalysisRecord, Store
 from backend.worker import JobContext, JobStatus, Worker

@@ -147,12 +147,6 @@ class Worker:
         self._queue.put(job)
         return job.id
 
-    @property
-    def pending(self) -> int:
-        """How many jobs are queued or running."""
-        with self._lock:
-            return sum(not job.done.is_set() for job in self._jobs.values())
-
     def _job(self, job_id: str) -> _Job:
         with self._lock:
             if job_id not in self._jobs:

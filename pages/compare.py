@@ -11,7 +11,7 @@ from pages import shared
 from viz.comparison import difference_heatmap, paired_bars, picked_cell, score_grid
 from viz.heatmap import attention_heatmap, binned_heatmap
 
-B_PARAM = "b"
+B_PARAM = shared.COMPARE_PARAM
 DETAIL_MAX = 64  # units per side drawn cell by cell (two maps share the width); more are binned
 MEAN = "mean"
 TEXTS, MODELS, HEADS = "Two texts, one model", "One text, two models", "Two heads of one analysis"
@@ -20,20 +20,24 @@ TOP_HEADS = 5
 
 EXPLANATIONS = """
 - **Alignment.** Two inputs rarely have the same tokens. With one tokenizer, tokens are matched
-  (a word swapped for another of the same length pairs up as "big→small"); across tokenizers,
+  (where a run of tokens is swapped for as many others, they pair up by position:
+  "big→small"); across tokenizers,
   tokens are grouped into the finest **character spans** both tokenizations cut at, or into
   **words**. Tokens without a counterpart (a BOS token only one model adds, a word only one text
   has) drop out, so aligned rows can sum to less than one.
 - **Difference (B − A).** Each aligned query row is the mean of its tokens' rows; each key column
   the sum of its tokens' columns. Red: B attends more; blue: A does.
 - **Divergence.** The Jensen-Shannon divergence (bits, 0 = same, 1 = disjoint) between the two
-  sides' attention rows, renormalised, averaged over queries. The grid points at the heads (same
-  model) or layers (different models) whose pattern changed most.
+  sides' attention rows, renormalised, averaged over queries. The grid points at the heads or
+  layers whose pattern changed most. Heads are compared by position when both models have the
+  same shape: meaningful for one model, or a model and its fine-tune; models of different shapes
+  are compared layer against layer.
 - **Rollout and head importance** compare the same way when both sides have them.
 
 Caveats: attention weights are not explanations; a change of pattern need not change the output.
-Different models can put their attention sink on different tokens (BOS, the first word), which
-shows as a large difference in the first column: try words alignment, or read the rest.
+Different models can put their attention sink on different tokens (a BOS token only one of them
+has, or the first word): the first column then differs for reasons unrelated to meaning, and a
+sink token without a counterpart drops out of the comparison.
 """
 
 
@@ -62,6 +66,7 @@ def _difference(difference: np.ndarray, labels: list[str], title: str):
 
 
 def _start(request_a: AnalysisRequest, request_b: AnalysisRequest) -> None:
+    st.session_state.pop("cmp_error", None)
     st.session_state["cmp_pending"] = (request_a, request_b)
 
 
@@ -92,7 +97,7 @@ def setup(record) -> None:
     elif record is None:
         st.info("Analyse a text first (sidebar), then compare two of its heads.")
     elif st.button("Compare two heads of the current analysis", type="primary"):
-        st.query_params[B_PARAM] = record.id
+        _open_second(record.id)
         st.rerun()
 
 
@@ -104,14 +109,33 @@ def _pending() -> bool:
     ids = [shared.derived(request, f"Side {side} ({request.model})")
            for side, request in zip("AB", pending)]
     failed = st.session_state.get("failed", {})
-    if any(request.canonical() in failed for request in pending):
+    errors = [failed.pop(r.canonical()) for r in pending if r.canonical() in failed]
+    if errors:  # shown until the next Compare, which may try the same request again
+        st.session_state["cmp_error"] = " ".join(errors)
         del st.session_state["cmp_pending"]
+        st.rerun()
     if all(ids):
         del st.session_state["cmp_pending"]
         shared.open_analysis(ids[0])
-        st.query_params[B_PARAM] = ids[1]
+        _open_second(ids[1])
         st.rerun()
     return True
+
+
+def _open_second(aid: str) -> None:
+    st.session_state["compare_b"] = aid
+    st.query_params[B_PARAM] = aid
+
+
+def current_second_id() -> str | None:
+    """Side B: from the link, else the last one this session compared (page switches drop
+    unbound query parameters)."""
+    from_url = st.query_params.get(B_PARAM)
+    if from_url:
+        st.session_state["compare_b"] = from_url
+    elif st.session_state.get("compare_b"):
+        st.query_params[B_PARAM] = st.session_state["compare_b"]
+    return st.session_state.get("compare_b")
 
 
 def _pick_from_grid() -> None:
@@ -139,7 +163,7 @@ def controls(ra, rb) -> dict:
     layer_a = c1.slider("Layer", 0, ma["n_layers"] - 1, ma["n_layers"] // 2, key="cmp_layer",
                         bind="query-params")
     head_a = c2.selectbox("Head", [MEAN, *map(str, range(ma["n_heads"]))], key="cmp_head",
-                          index=1 if same else 0, bind="query-params")
+                          index=1 if same else 0, bind="query-params")  # heads 0 and 1
     linked = not same and c3.toggle("Link B to A", True, key="cmp_linked", bind="query-params",
                                     help="B follows A's layer (at the same relative depth when "
                                          "the models differ) and head.")
@@ -151,8 +175,9 @@ def controls(ra, rb) -> dict:
     else:
         layer_b = c4.slider("Layer (B)", 0, mb["n_layers"] - 1, matching, key="cmp_layer_b",
                             bind="query-params")
-        head_b = c5.selectbox("Head (B)", [MEAN, *map(str, range(mb["n_heads"]))],
-                              key="cmp_head_b", index=2 if same else 0, bind="query-params")
+        heads_b = [MEAN, *map(str, range(mb["n_heads"]))]
+        head_b = c5.selectbox("Head (B)", heads_b, key="cmp_head_b",
+                              index=min(2, len(heads_b) - 1) if same else 0, bind="query-params")
     levels = shared.service().alignment_levels(ra.id, rb.id)
     level = st.segmented_control("Align by", levels, default=levels[0], key="cmp_align",
                                  bind="query-params", format_func=LEVEL_TITLES.get,
@@ -230,8 +255,9 @@ def importance_section(ra, rb) -> None:
     scores = [service.array(aid, "layer") for aid in ids]
     n_heads = ra.meta["n_heads"]
     if scores[0].shape == scores[1].shape:
+        correlation = service.rank_correlation(*scores)
         st.metric("Rank correlation of head importance (Spearman)",
-                  f"{service.rank_correlation(*scores):.3f}")
+                  "n/a" if np.isnan(correlation) else f"{correlation:.3f}")
         st.altair_chart(score_grid(scores[1] - scores[0], "layer", "head", "B − A", "Importance, "
                                    "layer-normalised: B − A (red = matters more in B)",
                                    cell=int(np.clip(420 // n_heads, 10, 28)), signed=True))
@@ -247,10 +273,12 @@ def importance_section(ra, rb) -> None:
 
 st.header("Compare")
 a_id = shared.current_analysis_id()
-b_id = st.query_params.get(B_PARAM)
+b_id = current_second_id()
 record_a = shared.load_analysis(a_id) if a_id else None
 with st.expander("Choose what to compare", expanded=not b_id):
     setup(record_a)
+if st.session_state.get("cmp_error"):
+    st.error(st.session_state["cmp_error"])
 if not b_id and "cmp_pending" not in st.session_state and "cmp_auto" not in st.session_state \
         and (record_a is None or record_a.text == COMPARISON_EXAMPLE[0]):
     # A first visit shows the classic pair at once (cached after the first time).
@@ -263,12 +291,18 @@ if not b_id and not waiting:
             "of the current analysis.")
 elif b_id and record_a is not None:
     record_b = shared.load_analysis(b_id)
-    if record_b is not None:
+    if record_b is not None and {record_a.kind, record_b.kind} != {"attention"}:
+        st.error("Compare shows attention analyses: open one from the sidebar or a link.")
+    elif record_b is not None:
         for side, record in (("A", record_a), ("B", record_b)):
             st.markdown(f"**{side}** · {shared.plain(record.meta['model_label'])} · "
                         f"{len(record.meta['tokens'])} tokens: “{shared.plain(record.text)}”")
         c = controls(record_a, record_b)
         alignment = shared.service().alignment(record_a.id, record_b.id, c["level"])
+        if alignment.mostly_changed:
+            st.warning("The two texts share little: most aligned units pair different words by "
+                       "position (or merge whole passages), so the difference compares "
+                       "positions more than meanings.")
         left, right = st.columns(2)
         left.altair_chart(_heatmap(record_a, c["layer_a"], c["head_a"],
                                    "A: " + _side_labels(record_a, c["layer_a"], c["head_a"])))

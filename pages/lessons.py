@@ -8,12 +8,12 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
+from backend.errors import AtlasError
 from backend.lessons import Lesson, read_lessons
 from backend.precompute import Preparation
 from pages import shared
 
 LESSON, STEP, PRESENT = "lesson", "step", "present"
-B_PARAM = "b"
 PRESENTER_CSS = """<style>
 section[data-testid="stSidebar"], [data-testid="stSidebarCollapsedControl"],
 [data-testid="stExpandSidebarButton"], header[data-testid="stHeader"] {display: none !important;}
@@ -42,18 +42,16 @@ def step_link(lesson: Lesson, index: int, present: bool) -> str:
 
 
 def _cached_ids(lesson: Lesson, index: int) -> dict[str, str]:
-    main, second = _requests(lesson, index)
-    ids = {"a": shared.service().cached(main)}
-    if second is not None:
-        ids[B_PARAM] = shared.service().cached(second)
-    return {key: aid for key, aid in ids.items() if aid}
-
-
-def _requests(lesson: Lesson, index: int):
-    main, second = lesson.requests()
-    if lesson.steps[index].page == "compare" and second is None:
-        second = main
-    return main, second
+    """The step's analysis ids that are cached already (the rest are computed on opening)."""
+    ids = {}
+    for key, request in zip(("a", shared.COMPARE_PARAM), lesson.requests(lesson.steps[index])):
+        try:
+            aid = request and shared.service().cached(request)
+        except AtlasError:  # an unavailable model: the step itself says why when opened
+            aid = None
+        if aid:
+            ids[key] = aid
+    return ids
 
 
 def _links(links: list[tuple[str, str, str]]) -> None:
@@ -118,11 +116,11 @@ def gallery(found, folder) -> None:
 
 
 def _analyses(lesson: Lesson, index: int) -> dict[str, str] | None:
-    """The lesson's analysis ids as link parameters (computed with progress if not cached)."""
-    main, second = _requests(lesson, index)
+    """The step's analysis ids as link parameters (computed with progress if not cached)."""
+    main, second = lesson.requests(lesson.steps[index])
     ids = {"a": shared.derived(main, "Preparing the lesson's analysis")}
     if second is not None:
-        ids[B_PARAM] = shared.derived(second, "Preparing the second analysis")
+        ids[shared.COMPARE_PARAM] = shared.derived(second, "Preparing the second analysis")
     return ids if all(ids.values()) else None
 
 
@@ -161,8 +159,10 @@ def show(lesson: Lesson, index: int, present: bool) -> None:
     if ids is None:
         return
     shared.open_analysis(ids["a"])
-    if B_PARAM in ids:
-        st.query_params[B_PARAM] = ids[B_PARAM]
+    if shared.COMPARE_PARAM in ids:
+        st.query_params[shared.COMPARE_PARAM] = ids[shared.COMPARE_PARAM]
+    if st.session_state.get("inputs_for") != ids["a"]:
+        st.rerun()  # once, so the sidebar (and pages reading its model) shows the lesson's
     st.session_state["in_lesson"] = True  # the page's own share link gives way to the step's
     try:
         with st.container(key="lesson_view", border=True):
@@ -185,6 +185,6 @@ elif chosen is None:
     gallery(found, folder)
 else:
     raw_step = st.query_params.get(STEP, "1")
-    number = int(raw_step) if raw_step.isdigit() else 1
+    number = int(raw_step) if raw_step.isdecimal() else 1
     show(chosen, min(max(number, 1), len(chosen.steps)) - 1,
          st.query_params.get(PRESENT) == "true")

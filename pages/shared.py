@@ -32,6 +32,7 @@ PAGES = {
     "bertviz_views": ("bertviz views", ":material/timeline:"),
 }
 ANALYSIS_PARAM = "a"
+COMPARE_PARAM = "b"  # the second analysis of a comparison
 OTHER_MODEL = "other"
 MODEL_LABELS = {**{alias: f"{m.label} (offline)" for alias, m in PACKAGED.items()},
                 OTHER_MODEL: "Other: hub id, local folder or .gguf file"}
@@ -138,7 +139,8 @@ def derived(request: AnalysisRequest, label: str) -> str | None:
         return None
     try:
         ticket = service().submit(request)
-    except AtlasError as e:
+    except AtlasError as e:  # refused at once (bad input, unknown model): same as a failed job
+        failed[key] = str(e)
         st.error(f"{label}: {e}")
         return None
     if ticket.analysis_id:

@@ -4,7 +4,8 @@ import numpy as np
 import streamlit as st
 
 from backend.analyses import AnalysisRequest
-from backend.analyses.thought_anchors import METRICS
+from backend.analyses.thought_anchors import (METRICS, RESAMPLING_ROLLOUTS, RESAMPLING_TOKENS,
+                                              WORKED_EXAMPLE)
 from backend.examples import REASONING_EXAMPLE
 from backend.methods.thought_anchors.tags import TAG_COLORS
 from pages import shared
@@ -12,7 +13,7 @@ from viz import export
 from viz.thought_anchors import link_graph, sentence_list, sentence_matrix
 
 TRACE_PARAM = "t"
-SOURCES = ["Worked example", "Your problem", "Import a published trace"]
+SOURCES = [WORKED_EXAMPLE, "Your problem", "Import a published trace"]
 EXPLANATION = """
 Thought Anchors (Bogdan, Macar, Nanda & Conmy, 2025) asks which sentences of a chain of thought
 steer the answer, three ways:
@@ -109,13 +110,14 @@ def own_trace_parts(record) -> dict[str, str | None]:
                  help="One forward pass per sentence."):
         parts["suppression"] = shared.derived(AnalysisRequest.make(
             "ta_suppression", record.model, record.text, **base), "Attention suppression")
-    rollouts = c3.number_input("Rollouts per sentence", 1, 100, 4, key="ta_r",
+    rollouts = c3.number_input("Rollouts per sentence", 1, 100, RESAMPLING_ROLLOUTS, key="ta_r",
                                bind="query-params")
     if c2.toggle("Resampling", key="ta_resample", bind="query-params",
                  help="Regenerates from every sentence: the slow method, saved as it goes."):
         parts["resampling"] = shared.derived(AnalysisRequest.make(
             "ta_resampling", record.model, record.text, rollouts=int(rollouts),
-            max_new_tokens=160, **base), f"Resampling ({rollouts} rollouts per sentence)")
+            max_new_tokens=RESAMPLING_TOKENS, **base),
+            f"Resampling ({rollouts} rollouts per sentence)")
     return parts
 
 

@@ -32,6 +32,10 @@ from backend.methods.thought_anchors.tags import heuristic_tag
 from backend.store import AnalysisRecord
 
 MIN_CHUNKS = 2
+# The Thought Anchors view's defaults, shared with the lessons that prepare it.
+WORKED_EXAMPLE = "Worked example"  # the view's source for REASONING_EXAMPLE (a link value)
+RESAMPLING_ROLLOUTS = 4  # rollouts per sentence the view offers first
+RESAMPLING_TOKENS = 160  # longest continuation a rollout writes in the view
 METRICS = ("accuracy", "resampling_importance_accuracy", "resampling_importance_kl",
            "counterfactual_importance_accuracy", "counterfactual_importance_kl",
            "forced_importance_accuracy", "forced_importance_kl",

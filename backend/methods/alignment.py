@@ -38,16 +38,21 @@ class Side:
 @dataclass(frozen=True)
 class Alignment:
     """labels: (unit,) what each unit shows ("big→small" where the sides differ).
-    a, b: (unit, tokens) 0/1 membership of each side's tokens in each unit."""
+    a, b: (unit, tokens) 0/1 membership of each side's tokens in each unit.
+    changed: (unit,) True where the two sides' text differs (paired by position or merged)."""
 
     labels: list[str]
     a: np.ndarray
     b: np.ndarray
+    changed: np.ndarray
 
     @property
-    def one_to_one(self) -> bool:
-        """Every unit is a single token on both sides."""
-        return bool((self.a.sum(1) == 1).all() and (self.b.sum(1) == 1).all())
+    def mostly_changed(self) -> bool:
+        """Too little in common to compare meanings: fewer than two units, or on either side
+        fewer than half of the tokens sit in units whose text is the same on both sides."""
+        same_a = self.a[~self.changed].sum() / max(self.a.shape[1], 1)
+        same_b = self.b[~self.changed].sum() / max(self.b.shape[1], 1)
+        return len(self.labels) < 2 or bool(min(same_a, same_b) < 0.5)
 
     def unmatched(self) -> tuple[int, int]:
         """How many tokens of each side belong to no unit."""
@@ -60,7 +65,7 @@ def align(a: Side, b: Side, level: str) -> Alignment:
     (whitespace-separated words; works across tokenizers and texts)."""
     if level == TOKENS:
         return _pair([[i] for i in range(len(a.ids))], a.ids, a.labels,
-                     [[i] for i in range(len(b.ids))], b.ids, b.labels)
+                     [[i] for i in range(len(b.ids))], b.ids, b.labels, joiner="")
     if level == SPANS and a.text != b.text:
         raise ValueError("Span alignment needs the same text on both sides; use words.")
     if level == SPANS:
@@ -71,15 +76,13 @@ def align(a: Side, b: Side, level: str) -> Alignment:
         units_b = _units(b, _token_bounds(b) & _word_bounds(b.text))
     else:
         raise ValueError(f"Unknown alignment level '{level}'; use one of {', '.join(LEVELS)}.")
-    return _pair(*units_a, *units_b)
+    return _pair(*units_a, *units_b, joiner=" ")
 
 
 def aligned_attention(attention: np.ndarray, membership: np.ndarray) -> np.ndarray:
     """(..., query, key) attention of one side -> (..., unit, unit): query rows averaged over a
     unit's tokens, key columns summed. membership: (unit, tokens) 0/1, each unit non-empty."""
     units, tokens = np.nonzero(membership)  # ordered by unit, so each unit's tokens are a run
-    if units.size == 0:
-        return np.zeros((*attention.shape[:-2], 0, 0), dtype=attention.dtype)
     starts = np.searchsorted(units, np.arange(membership.shape[0]))
     sizes = np.diff(np.append(starts, units.size))
     picked = attention[..., tokens, :][..., tokens]
@@ -139,28 +142,31 @@ def _units(side: Side, bounds: set[int]) -> tuple[list[list[int]], list, list[st
     return groups, keys, labels
 
 
-def _pair(groups_a, keys_a, labels_a, groups_b, keys_b, labels_b) -> Alignment:
+def _pair(groups_a, keys_a, labels_a, groups_b, keys_b, labels_b, joiner: str) -> Alignment:
     """Match the two unit sequences (difflib). Equal runs pair one to one; a replaced run of the
     same length pairs position by position ("big→small"); other differences become one merged
-    unit when both sides have something there, and drop out when only one side has."""
+    unit when both sides have something there, and drop out when only one side has. `joiner`
+    glues the labels of a merged unit (tokens carry their own spaces, words do not)."""
     matcher = difflib.SequenceMatcher(None, keys_a, keys_b, autojunk=False)
-    pairs: list[tuple[list[int], list[int], str]] = []
+    pairs: list[tuple[list[int], list[int], str, bool]] = []
     for op, a0, a1, b0, b1 in matcher.get_opcodes():
         if op == "equal":
-            pairs += [(groups_a[i], groups_b[j], labels_a[i])
+            pairs += [(groups_a[i], groups_b[j], labels_a[i], False)
                       for i, j in zip(range(a0, a1), range(b0, b1))]
         elif op == "replace" and a1 - a0 == b1 - b0:
-            pairs += [(groups_a[i], groups_b[j], f"{labels_a[i]}→{labels_b[j]}")
+            pairs += [(groups_a[i], groups_b[j], f"{labels_a[i]}→{labels_b[j]}", True)
                       for i, j in zip(range(a0, a1), range(b0, b1))]
         elif op == "replace":
             pairs.append(([t for g in groups_a[a0:a1] for t in g],
                           [t for g in groups_b[b0:b1] for t in g],
-                          f"{''.join(labels_a[a0:a1])}→{''.join(labels_b[b0:b1])}"))
+                          f"{joiner.join(labels_a[a0:a1])}→{joiner.join(labels_b[b0:b1])}",
+                          True))
     n_a = sum(len(g) for g in groups_a)
     n_b = sum(len(g) for g in groups_b)
     a = np.zeros((len(pairs), n_a), dtype=np.float32)
     b = np.zeros((len(pairs), n_b), dtype=np.float32)
-    for u, (tokens_a, tokens_b, _) in enumerate(pairs):
+    for u, (tokens_a, tokens_b, _, _) in enumerate(pairs):
         a[u, tokens_a] = 1
         b[u, tokens_b] = 1
-    return Alignment([label for _, _, label in pairs], a, b)
+    return Alignment([pair[2] for pair in pairs], a, b,
+                     np.array([pair[3] for pair in pairs], dtype=bool))

@@ -7,7 +7,8 @@ import textwrap
 import pytest
 
 from backend.errors import InputError
-from backend.lessons import parse_view, read_lesson, read_lessons, step_requests
+from backend.lessons import VIEW_PAGES, parse_view, read_lesson, read_lessons, step_requests
+from pages.shared import PAGES
 from tests.conftest import REPO_ROOT
 
 LESSONS = REPO_ROOT / "lessons"
@@ -55,7 +56,7 @@ def test_a_lesson_file_is_read_into_steps(tmp_path):
     assert (first.question, first.caveat) == ("why?", "attention is not explanation.")
     assert first.narrative == "Narrative line one."
     assert (second.page, second.params) == ("rollout", {"depth": "3", "no_sink": "true"})
-    assert lesson.requests()[1] is None
+    assert all(lesson.requests(step)[1] is None for step in lesson.steps)
 
 
 @pytest.mark.parametrize("source, message", [
@@ -65,6 +66,8 @@ def test_a_lesson_file_is_read_into_steps(tmp_path):
     ("---\ntitle: T\nmodel: m\ntext: t\n---\nNo steps.\n", "no steps"),
     ("---\ntitle: T\nmodel: m\ntext: t\n---\n## Step\nJust words.\n", "no 'view:' line"),
     ("---\ntitle: T\nmodel: m\ntext: t\n---\n## Step\nview: ../../etc/passwd\n", "shows 'passwd'"),
+    ("---\njust a sentence\n---\n## Step\nview: explore\n", "'name: value' lines"),
+    ("---\ntitle: T\nmodel: m\ntext: t\norder: first\n---\n## S\nview: explore\n", "whole number"),
 ])
 def test_bad_lesson_files_say_why_and_do_not_hide_the_others(tmp_path, source, message):
     write(tmp_path, "bad.md", source)
@@ -74,6 +77,15 @@ def test_bad_lesson_files_say_why_and_do_not_hide_the_others(tmp_path, source, m
     assert message in found.errors["bad.md"]
     with pytest.raises(InputError, match="bad.md"):
         read_lesson(tmp_path / "bad.md")
+
+
+def test_a_file_that_is_not_text_is_reported(tmp_path):
+    (tmp_path / "binary.md").write_bytes(b"---\ntitle: \xff\xfe\n---\n")
+    assert "not UTF-8" in read_lessons(tmp_path).errors["binary.md"]
+
+
+def test_lessons_name_only_pages_the_app_has():
+    assert set(VIEW_PAGES) <= set(PAGES)
 
 
 def test_parse_view_accepts_a_copied_link_and_drops_analysis_ids():
@@ -102,8 +114,20 @@ def test_the_shipped_lessons_cover_the_classroom_topics():
 
 def test_step_requests_follow_the_pages_defaults(service):
     lesson = read_lessons(LESSONS).get("03-raw-rollout-flow")
-    main = lesson.requests()[0]
+    main = lesson.requests(lesson.steps[0])[0]
     n_tokens = len(service.analysis(service.run(main, timeout=300)).meta["tokens"])
     requests = [(r.kind, dict(r.params)) for r in step_requests(lesson, lesson.steps[0], service)]
     assert requests == [("attention", {}), ("attention_flow", {"head_fusion": "mean"}),
                         ("gradient_rollout", {"target": n_tokens - 1})]  # last token: causal
+
+
+def test_step_requests_use_the_page_defaults_for_values_its_widgets_refuse(service):
+    lesson = read_lessons(LESSONS).get("03-raw-rollout-flow")
+    step = lesson.steps[0]
+    odd = type(step)(step.title, "rollout", {"target": "5", "fusion": "median"}, "")
+    main = lesson.requests(step)[0]
+    n_tokens = len(service.analysis(service.run(main, timeout=300)).meta["tokens"])
+    requests = {r.kind: dict(r.params) for r in step_requests(lesson, odd, service)}
+    # "5" is not how the target widget spells a token ("5 ·the"): the page uses its default.
+    assert requests["gradient_rollout"] == {"target": n_tokens - 1}
+    assert requests["attention_flow"] == {"head_fusion": "mean"}

@@ -113,3 +113,44 @@ def test_two_models_compare_layers_and_importance(service, pair):
     # Side B follows A at the same relative depth: 30 layers -> 18.
     assert any("B: layer **9**, head **mean**" in m.value for m in at.markdown)
     assert sum("most important heads" in m.value for m in at.markdown) == 2
+
+
+def test_side_b_survives_a_page_switch(service, pair):
+    at = open_compare(a=pair[0], b=pair[1])
+    at.switch_page(str(REPO_ROOT / "pages/explore.py")).run()
+    at.switch_page(PAGE).run()
+    assert not at.exception
+    assert at.query_params["b"] in (pair[1], [pair[1]])
+    assert "Divergence of these maps" in metrics(at)
+
+
+def test_an_unknown_model_is_reported_and_nothing_waits(service, pair):
+    at = open_compare(a=pair[0], b=pair[1])
+    at.selectbox(key="cmp_model").set_value("other").run()
+    at.text_input(key="cmp_model_other").input("no-such-org/no-such-model").run()
+    next(b for b in at.button if b.label == "Compare").click().run()
+    deadline = time.monotonic() + 60
+    while at.get("progress") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        at.run()
+    at.run()
+    assert not at.exception and not at.get("progress")
+    assert any("no-such-org/no-such-model" in e.value for e in at.error)
+    assert at.query_params["b"] in (pair[1], [pair[1]])  # the comparison shown is kept
+
+
+def test_a_side_that_is_not_attention_is_refused(service, pair):
+    importance = service.run(AnalysisRequest.make("head_importance", "smollm2",
+                                                  COMPARISON_EXAMPLE[0], method="gradient"),
+                             timeout=300)
+    at = open_compare(a=pair[0], b=importance)
+    assert not at.exception
+    assert any("attention analyses" in e.value for e in at.error)
+
+
+def test_unrelated_texts_are_flagged(service):
+    ids = [service.run(AnalysisRequest.make("attention", "smollm2", text), timeout=300)
+           for text in ("Bananas are yellow.", "The stock market fell sharply on Monday.")]
+    at = open_compare(a=ids[0], b=ids[1])
+    assert not at.exception
+    assert any("share little" in w.value for w in at.warning)

@@ -33,7 +33,7 @@ def test_spans_group_tokens_until_both_tokenizers_cut():
     assert groups(alignment.a) == [[0], [1, 2, 3], [4], [5], [6]]
     assert groups(alignment.b) == [[1], [2, 3], [4], [5], [6]]
     assert alignment.unmatched() == (0, 2)  # [CLS] and [SEP] have no counterpart
-    assert not alignment.one_to_one
+    assert not alignment.changed.any() and not alignment.mostly_changed
 
 
 def test_words_merge_punctuation_into_its_word():
@@ -57,13 +57,23 @@ def test_tokens_of_one_tokenizer_pair_one_to_one_and_mark_the_substitution():
     a = Side("x", [5, 6, 7, 8], ["A", "·big", "·box", "."], [(0, 1)] * 4, [False] * 4)
     b = Side("y", [5, 9, 7, 8], ["A", "·small", "·box", "."], [(0, 1)] * 4, [False] * 4)
     alignment = align(a, b, "tokens")
-    assert alignment.one_to_one
+    assert np.array_equal(alignment.a, np.eye(4)) and np.array_equal(alignment.b, np.eye(4))
     assert alignment.labels == ["A", "·big→·small", "·box", "."]
+    assert alignment.changed.tolist() == [False, True, False, False]
     inserted = Side("z", [5, 6, 6, 7, 8], ["A", "·big", "·big", "·box", "."], [(0, 1)] * 5,
                     [False] * 5)
     alignment = align(a, inserted, "tokens")
     assert alignment.unmatched() == (0, 1)  # the repeated word has no counterpart
     assert len(alignment.labels) == 4
+
+
+def test_texts_with_nothing_in_common_are_flagged():
+    a = side("Hello there", [("Hello", 0, 5), ("·there", 5, 11)])
+    b = side("Goodbye now friend", [("Good", 0, 4), ("bye", 4, 7), ("·now", 7, 11),
+                                    ("·friend", 11, 18)])
+    alignment = align(a, b, "words")
+    assert alignment.labels == ["Hello there→Goodbye now friend"]  # one merged unit
+    assert alignment.mostly_changed
 
 
 def test_same_text_and_tokenizer_is_the_identity():
