@@ -81,13 +81,20 @@ def align(a: Side, b: Side, level: str) -> Alignment:
 
 def aligned_attention(attention: np.ndarray, membership: np.ndarray) -> np.ndarray:
     """(..., query, key) attention of one side -> (..., unit, unit): query rows averaged over a
-    unit's tokens, key columns summed. membership: (unit, tokens) 0/1, each unit non-empty."""
-    units, tokens = np.nonzero(membership)  # ordered by unit, so each unit's tokens are a run
-    starts = np.searchsorted(units, np.arange(membership.shape[0]))
-    sizes = np.diff(np.append(starts, units.size))
-    picked = attention[..., tokens, :][..., tokens]
-    rows = np.add.reduceat(picked, starts, axis=-2) / sizes[:, None]
-    return np.add.reduceat(rows, starts, axis=-1)
+    unit's tokens, key columns summed. membership: (unit, tokens) 0/1; each unit is a run of
+    consecutive tokens and units follow the token order (as `align` makes them)."""
+    unit_of = np.full(membership.shape[1], -1)
+    units, tokens = np.nonzero(membership)
+    unit_of[tokens] = units
+    # Runs of tokens with one unit (or none): pooling runs in place avoids copying the matrix.
+    starts = np.flatnonzero(np.r_[True, unit_of[1:] != unit_of[:-1]])
+    kept = unit_of[starts] >= 0
+    if not np.array_equal(unit_of[starts][kept], np.arange(membership.shape[0])):
+        raise ValueError("Each unit must be one run of consecutive tokens, in token order.")
+    sizes = np.diff(np.r_[starts, membership.shape[1]])[kept]
+    rows = np.add.reduceat(attention, starts, axis=-2)[..., kept, :] / sizes[:, None].astype(
+        attention.dtype)
+    return np.add.reduceat(rows, starts, axis=-1)[..., kept]
 
 
 def _snap(text: str, position: int) -> int:
