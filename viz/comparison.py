@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from viz.heatmap import axis_labels
+from viz.selection import clicked_cell
 
 GRID_SELECTION = "grid_cell"
 
@@ -63,11 +64,8 @@ def score_grid(values: np.ndarray, row_title: str, column_title: str, score_titl
 
 
 def picked_cell(event) -> tuple[int, int] | None:
-    """The (row, column) clicked in a score grid (st.altair_chart's on_select state)."""
-    points = (event or {}).get("selection", {}).get(GRID_SELECTION) or []
-    if points and "row" in points[0] and "column" in points[0]:
-        return int(points[0]["row"]), int(points[0]["column"])
-    return None
+    """The (row, column) clicked in a score grid."""
+    return clicked_cell(event, GRID_SELECTION, ("row", "column"))
 
 
 def paired_bars(rows: dict[str, np.ndarray], labels: list[str], title: str = "") -> alt.Chart:

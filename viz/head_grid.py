@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from viz.selection import clicked_cell
+
 HEAD_SELECTION = "head"
 
 
@@ -60,7 +62,5 @@ def head_grid(thumbnails: np.ndarray, scores: np.ndarray | None = None,
 
 
 def selected_head(event) -> tuple[int, int] | None:
-    points = (event or {}).get("selection", {}).get(HEAD_SELECTION) or []
-    if points and "layer" in points[0] and "head" in points[0]:
-        return int(points[0]["layer"]), int(points[0]["head"])
-    return None
+    """The (layer, head) clicked in the grid."""
+    return clicked_cell(event, HEAD_SELECTION, ("layer", "head"))

@@ -10,6 +10,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from viz.selection import clicked_points
+
 COLOR = alt.Scale(scheme="blues", domain=[0, 1], clamp=True)
 QUERY_SELECTION = "cell"
 
@@ -73,8 +75,5 @@ def binned_heatmap(values: np.ndarray, query_edges: np.ndarray, key_edges: np.nd
 
 
 def selected_values(event, field: str) -> list:
-    """Values of `field` in a chart's click selection (st.altair_chart's on_select state)."""
-    if not event:
-        return []
-    points = event.get("selection", {}).get(QUERY_SELECTION) or []
-    return [p[field] for p in points if field in p]
+    """Values of `field` in a heatmap's click selection."""
+    return [p[field] for p in clicked_points(event, QUERY_SELECTION) if field in p]
