@@ -23,7 +23,7 @@ section[data-testid="stSidebar"], [data-testid="stSidebarCollapsedControl"],
   [data-testid="stDownloadButton"], [data-testid="stExpander"], [data-testid="stFileUploader"],
   [data-testid="stRadio"], [data-testid="stMultiSelect"]) {display: none !important;}
 .st-key-lesson_text :is(p, li, span) {font-size: 1.55rem !important; line-height: 1.45;}
-.st-key-lesson_text h3 {font-size: 2.6rem !important;}
+.st-key-lesson_text :is(h3, h3 span) {font-size: 2.6rem !important; line-height: 1.2;}
 </style>"""
 LINK_CSS = """
 .atlas-links {display: flex; flex-wrap: wrap; gap: 0.4rem;}
