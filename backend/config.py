@@ -3,7 +3,11 @@
 ATLAS_CACHE_DIR   where the DuckDB file and converted models live (default: ./cache)
 ATLAS_MODEL_DIRS  os.pathsep-separated folders that local models may be loaded from
                   (default: ./models); a path in a link or form outside them is refused
-ATLAS_MAX_TOKENS  longest input analysed (default: 1024)
+ATLAS_MAX_TOKENS  longest input analysed (default: 8192 on the CPU, 32768 on a GPU; never more
+                  than the model's context)
+ATLAS_FULL_MATRIX_TOKENS  longest input whose views may use full (layer, T, T) products such as
+                  the full rollout (default: 1024)
+ATLAS_MEMORY_MB   one budget for the service's in-process caches (default: 2048)
 ATLAS_DEVICE      "cpu", "cuda", "cuda:1"... (default: cuda when present, else cpu)
 ATLAS_ALLOW_HUB   "0" refuses hub ids (default "1": load them when the hub or its cache has them)
 ATLAS_CONVERTED_DIR  where GGUF models converted to safetensors are kept (default: <cache>/models)
@@ -23,11 +27,24 @@ def _paths(value: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser().resolve() for p in value.split(os.pathsep) if p.strip())
 
 
+def default_max_tokens(device: str | None) -> int:
+    """8192 tokens on the CPU, 32768 on a GPU (the one ATLAS_DEVICE names, or any present)."""
+    if device is None:
+        import torch  # only here: settings are read by processes that never load a model
+
+        on_gpu = torch.cuda.is_available()
+    else:
+        on_gpu = not device.startswith("cpu")
+    return 32768 if on_gpu else 8192
+
+
 @dataclass(frozen=True)
 class Settings:
     cache_dir: Path = REPO_ROOT / "cache"
     model_dirs: tuple[Path, ...] = field(default_factory=lambda: (REPO_ROOT / "models",))
-    max_tokens: int = 1024
+    max_tokens: int = 8192
+    full_matrix_max_tokens: int = 1024
+    memory_budget_bytes: int = 2 << 30
     device: str | None = None
     allow_hub: bool = True
     converted_dir: Path | None = None
@@ -47,7 +64,10 @@ class Settings:
         return cls(
             cache_dir=Path(env.get("ATLAS_CACHE_DIR", REPO_ROOT / "cache")).expanduser().resolve(),
             model_dirs=_paths(env.get("ATLAS_MODEL_DIRS", str(REPO_ROOT / "models"))),
-            max_tokens=int(env.get("ATLAS_MAX_TOKENS", "1024")),
+            max_tokens=int(env.get("ATLAS_MAX_TOKENS") or default_max_tokens(env.get(
+                "ATLAS_DEVICE"))),
+            full_matrix_max_tokens=int(env.get("ATLAS_FULL_MATRIX_TOKENS", "1024")),
+            memory_budget_bytes=int(env.get("ATLAS_MEMORY_MB", "2048")) << 20,
             device=env.get("ATLAS_DEVICE") or None,
             allow_hub=env.get("ATLAS_ALLOW_HUB", "1") != "0",
             converted_dir=Path(env["ATLAS_CONVERTED_DIR"]).resolve()

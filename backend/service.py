@@ -6,7 +6,6 @@ tensors stay here and leave only as the slice or aggregate a view shows.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 import hashlib
 import io
@@ -28,7 +27,9 @@ from backend.comparison import Comparisons
 from backend.config import Settings
 from backend.errors import InputError
 from backend.methods.binning import BinnedMatrix, bin_matrix
-from backend.methods.rollout import attention_rollout, exclude_first_token
+from backend.methods.heads import roles
+from backend.methods.rollout import (HEAD_FUSIONS, attention_rollout, exclude_first_token,
+                                     target_rollout_rows)
 from backend.methods.thought_anchors.graph import incoming, top_links
 from backend.methods.thought_anchors.published import (read_published_trace,
                                                        write_published_trace)
@@ -201,10 +202,30 @@ class AtlasService(Comparisons):
         block = layer_attn[:, query, key].astype(np.float32)
         return block.mean(axis=0) if head is None else block[head]
 
-    def attention_overview(self, aid: str, layer: int, head: int | None,
-                           bins: int) -> BinnedMatrix:
-        """The whole (query, key) matrix mean-pooled to at most bins x bins."""
-        return bin_matrix(self.attention_matrix(aid, layer, head), bins)
+    def attention_row(self, aid: str, layer: int, head: int | None, token: int) -> np.ndarray:
+        """(key,) where `token` looks: its full row."""
+        return self.attention_matrix(aid, layer, head, slice(token, token + 1))[0]
+
+    def attention_column(self, aid: str, layer: int, head: int | None,
+                         token: int) -> np.ndarray:
+        """(query,) who looks at `token`: its full column."""
+        return self.attention_matrix(aid, layer, head, key=slice(token, token + 1))[:, 0]
+
+    def strongest_keys(self, aid: str, layer: int, head: int | None, token: int,
+                       k: int = 10) -> list[tuple[int, float]]:
+        """The k keys `token` attends to most: (key index, weight), strongest first."""
+        row = self.attention_row(aid, layer, head, token)
+        order = np.argsort(-row, kind="stable")[:k]
+        return [(int(i), float(row[i])) for i in order]
+
+    def attention_overview(self, aid: str, layer: int, head: int | None, bins: int,
+                           query: slice = slice(None), key: slice = slice(None)) -> BinnedMatrix:
+        """A (query, key) window (default: the whole matrix) mean-pooled to at most bins x bins;
+        edges are token indices of the whole input."""
+        n = len(self.analysis(aid).meta["tokens"])
+        q0, k0 = query.indices(n)[0], key.indices(n)[0]
+        binned = bin_matrix(self.attention_matrix(aid, layer, head, query, key), bins)
+        return BinnedMatrix(binned.values, binned.query_edges + q0, binned.key_edges + k0)
 
     def array_names(self, aid: str) -> list[str]:
         """Names of the arrays an analysis stored (what a view can show of it)."""
@@ -220,10 +241,47 @@ class AtlasService(Comparisons):
         return np.stack([self.attention_layer(aid, layer) for layer in range(meta["n_layers"])],
                         dtype=np.float32)
 
-    @functools.lru_cache(maxsize=8)
     def rollout(self, aid: str, head_fusion: str = "mean") -> np.ndarray:
-        """Attention rollout after each layer, (layer, query, key) (Abnar & Zuidema)."""
+        """Attention rollout after each layer, (layer, query, key) (Abnar & Zuidema); inputs up
+        to settings.full_matrix_max_tokens (longer: target_rollout)."""
+        n = len(self.analysis(aid).meta["tokens"])
+        limit = self.settings.full_matrix_max_tokens
+        if n > limit:
+            raise InputError(f"The full rollout is offered up to {limit:,} tokens; this input has "
+                             f"{n:,}. Follow one token instead (target_rollout).")
         return attention_rollout(self.attention(aid), head_fusion)
+
+    def target_rollout(self, aid: str, target: int, head_fusion: str = "mean",
+                       exclude_first: bool = False) -> np.ndarray:
+        """(layer, key) the rollout row of `target` after each layer: r_l = r_{l+1..} chain of
+        vector-matrix products from the top, O(layers x T^2) (see methods.rollout)."""
+        meta = self.analysis(aid).meta
+        n = len(meta["tokens"])
+        if not 0 <= target < n:
+            raise InputError(f"Target token {target} is outside the input's {n} tokens.")
+        if head_fusion not in HEAD_FUSIONS:
+            raise InputError(f"Head fusion must be one of {', '.join(HEAD_FUSIONS)}.")
+
+        def fused_rows(layer: int, queries: slice) -> np.ndarray:
+            heads = self.attention_layer(aid, layer)[:, queries].astype(np.float32)
+            return getattr(heads, head_fusion)(axis=0)
+
+        rows = target_rollout_rows(fused_rows, meta["n_layers"], n, target,
+                                   causal=meta["causal"])
+        return exclude_first_token(rows) if exclude_first else rows
+
+    def head_statistics(self, aid: str) -> dict[str, np.ndarray]:
+        """(layer, head) per-head scores: "entropy" (nats, mean over queries), "sink" (mass on
+        token 0), "previous_token", "diagonal" (see methods.heads.roles)."""
+        meta = self.analysis(aid).meta
+        stats = {"entropy": [], "sink": [], "previous_token": [], "diagonal": []}
+        for layer in range(meta["n_layers"]):
+            weights = self.attention_layer(aid, layer).astype(np.float32)
+            stats["entropy"].append(roles.attention_entropy(weights))
+            stats["sink"].append(roles.first_token_scores(weights))
+            stats["previous_token"].append(roles.previous_token_scores(weights))
+            stats["diagonal"].append(roles.self_scores(weights))
+        return {name: np.stack(v) for name, v in stats.items()}
 
     @staticmethod
     def bin(matrix: np.ndarray, bins: int) -> BinnedMatrix:

@@ -117,6 +117,34 @@ def gradient_rollout(attn, grads) -> np.ndarray:
     return rollout
 
 
+def target_rollout_rows(fused_rows: Callable[[int, slice], np.ndarray], n_layers: int,
+                        n_tokens: int, target: int, chunk: int = 1024,
+                        causal: bool = False) -> np.ndarray:
+    """Row `target` of the rollout after each layer, (layer, key) float64, without forming R_l.
+
+    fused_rows(layer, queries) -> (query, key): the layer's head-fused attention rows (before
+    the residual). Row t of R_l = e_t Atil_l ... Atil_1 is a chain of vector-matrix products;
+    walking the layers once from the top, every start layer's vector is multiplied by the
+    current layer together ((layer, T) @ (T, T)), so each layer's rows are produced once, a chunk
+    of queries at a time: O(layers^2 x T^2) multiply-adds, O(layers x T + chunk x T) memory.
+    causal: queries after the target cannot reach it and are skipped.
+    """
+    vectors = np.zeros((0, n_tokens))
+    last = target + 1 if causal else n_tokens
+    for layer in reversed(range(n_layers)):
+        start = np.zeros((1, n_tokens))
+        start[0, target] = 1.0
+        vectors = np.concatenate([vectors, start])  # start layer `layer` joins the walk
+        out = np.zeros_like(vectors)
+        for q in range(0, last, chunk):
+            rows = np.asarray(fused_rows(layer, slice(q, min(q + chunk, last))), np.float64)
+            rows[:, q:q + len(rows)] += np.eye(len(rows))  # residual, then renormalise
+            rows /= rows.sum(-1, keepdims=True)
+            out += vectors[:, q:q + len(rows)] @ rows
+        vectors = out
+    return vectors[::-1].copy()  # vectors[i] started at layer n_layers - 1 - i
+
+
 def exclude_first_token(scores) -> np.ndarray:
     """Drop key position 0 (CLS, BOS or an attention sink) and renormalise what is left to sum 1.
 

@@ -33,15 +33,28 @@ def readable_label(piece: str) -> str:
     return "·" * (len(piece) - len(stripped)) + stripped if stripped else "␣" * len(piece)
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> Tokenized:
+def model_context(config) -> int | None:
+    """The longest input the model was built for (its position table), None if it declares none."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int,
+             context: int | None = None) -> Tokenized:
+    """The text's tokens; refuses more than min(max_tokens, context), saying which bound."""
     if not text or not text.strip():
         raise InputError("The text is empty: type or pick a text to analyse.")
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
+    if context is not None and context < max_tokens and len(ids) > context:
+        raise InputError(
+            f"The text is {len(ids):,} tokens long; this model reads at most {context:,} "
+            "(its context). Shorten the text or pick a model with a longer context.")
     if len(ids) > max_tokens:
         raise InputError(
-            f"The text is {len(ids)} tokens long; this server analyses at most {max_tokens} "
-            "(ATLAS_MAX_TOKENS). Shorten the text or raise the limit."
+            f"The text is {len(ids):,} tokens long; this server analyses at most "
+            f"{max_tokens:,}. Shorten the text, or raise the limit by starting the server with "
+            f"ATLAS_MAX_TOKENS={len(ids)} (or more)."
         )
     special_ids = set(tokenizer.all_special_ids)
     labels = []
