@@ -5,7 +5,8 @@ import streamlit as st
 from pages import shared
 from viz.head_grid import head_grid, selected_head
 
-THUMBNAIL_BINS = 24
+THUMBNAIL_BINS = 32  # stored overviews pooled to 32 x 32 per head
+GRID_WIDTH = 900  # pixels of the main column at 1,280 px wide: the grid fills it
 
 
 def _open_head() -> None:
@@ -19,6 +20,9 @@ record = shared.require_analysis()
 if record:
     if "open_head" in st.session_state:
         layer, head = st.session_state.pop("open_head")
+        # A page switch drops every widget's state, the sidebar's text too: let the sidebar
+        # show this analysis' model and text again (not the default example).
+        st.session_state.pop("inputs_for", None)
         st.switch_page(shared.page("explore"), query_params={"a": record.id, "layer": str(layer),
                                                          "head": str(head)})
     meta = record.meta
@@ -28,6 +32,7 @@ if record:
                f"{THUMBNAIL_BINS}). Look for a dark diagonal (self), a line just below it "
                "(previous token) and a dark first column (sink). Click a head to open it.")
     thumbnails = shared.service().head_thumbnails(record.id, THUMBNAIL_BINS)
-    st.altair_chart(head_grid(thumbnails), key="grid", on_select=_open_head,
-                    selection_mode="head")
+    cell = max(44, min(96, GRID_WIDTH // meta["n_heads"]))
+    st.altair_chart(head_grid(thumbnails, cell=cell), key="grid", on_select=_open_head,
+                    selection_mode="head", width="content")
     shared.share_link({"a": record.id})

@@ -8,6 +8,7 @@ from backend.analyses.rollout import AUTO_FLOW_TOKENS, FLOW_MAX_TOKENS
 from pages import shared
 from viz import export
 from viz.heatmap import attention_heatmap, binned_heatmap
+from viz.reading_view import reading_view, text_pieces
 from viz.token_text import highlighted_tokens
 from viz.token_view import attention_bars
 
@@ -34,17 +35,42 @@ from, not why the model decided anything. Many models park attention on the firs
 """
 
 
-def heatmap(matrix: np.ndarray, labels: list[str], title: str):
+BARS_MAX = 512  # tokens drawn as bars; longer inputs read as shaded text only
+
+
+def heatmap(matrix: np.ndarray, labels: list[str], title: str, key_offset: int = 0):
+    """A (query, key) matrix; keys start at position `key_offset` (1 without the first token)."""
+    keys = labels[key_offset:]
     if len(labels) <= DETAIL_MAX:
-        return attention_heatmap(matrix, labels, labels, title=title, size=380)
+        return attention_heatmap(matrix, labels, keys, 0, key_offset, title=title, size=380)
     binned = shared.service().bin(matrix, 64)
-    return binned_heatmap(binned.values, binned.query_edges, binned.key_edges, labels, title,
-                          size=380)
+    return binned_heatmap(binned.values, binned.query_edges, binned.key_edges + key_offset,
+                          labels, title, size=380)
 
 
-st.header("Rollout & flow")
-record = shared.require_analysis()
-if record:
+def scores_view(record, rows: dict, target: int, no_sink: bool) -> None:
+    """Each method's row as shaded tokens (and bars up to BARS_MAX tokens)."""
+    labels = record.meta["tokens"]
+    offset = 1 if no_sink else 0
+    shown_labels = labels[offset:]
+    long_input = len(labels) > DETAIL_MAX
+    pieces = text_pieces(record.text, record.meta["offsets"], labels)[offset:]
+    columns = st.columns(2)
+    for i, (name, row) in enumerate(rows.items()):
+        with columns[i % 2]:
+            if long_input:  # compact HTML: a few hundred kB at 8k tokens
+                st.markdown(f"**{name}**")
+                st.html(reading_view(pieces, row, offset, target))
+            else:
+                st.html(highlighted_tokens(shown_labels, row, name,
+                                           highlight=target - offset if target >= offset
+                                           else None))
+            if len(labels) <= BARS_MAX:
+                st.altair_chart(attention_bars(row, shown_labels, offset, name, target))
+
+
+@st.fragment
+def rollout_view(record) -> None:
     meta, aid, labels = record.meta, record.id, record.meta["tokens"]
     n = len(labels)
     default_target = n - 1 if meta["causal"] else 0
@@ -58,61 +84,75 @@ if record:
     depth = c3.slider("Rollout after layer", 1, meta["n_layers"], meta["n_layers"], key="depth",
                       bind="query-params")
     no_sink = c4.toggle("Exclude first token", key="no_sink", bind="query-params",
-                        help="Drop position 0 (an attention sink) and renormalise the rest.")
+                        help="Drop position 0 (an attention sink) and renormalise the rest, "
+                             "in the scores and the full matrices.")
 
     service = shared.service()
-    rollout = service.rollout(aid, fusion)
-    last_layer = service.attention_matrix(aid, meta["n_layers"] - 1, None)
-    rows = {"Raw attention (last layer)": last_layer[target],
-            f"Rollout (after layer {depth})": rollout[depth - 1, target]}
+    full_max = service.settings.full_matrix_max_tokens
+    with st.spinner("Following the target through the layers…"):
+        target_rows = service.target_rollout(aid, target, fusion)
+    last_row = service.attention_row(aid, meta["n_layers"] - 1, None, target)
+    rows = {"Raw attention (last layer)": last_row,
+            f"Rollout (after layer {depth})": target_rows[depth - 1]}
 
     flow_id = None
+    flow_request = AnalysisRequest.make("attention_flow", record.model, record.text,
+                                        head_fusion=fusion)
     if n > FLOW_MAX_TOKENS:
-        st.info(f"Attention flow is offered up to {FLOW_MAX_TOKENS} tokens ({n} here).")
+        st.info(f"Attention flow is offered up to {FLOW_MAX_TOKENS} tokens ({n:,} here).")
     elif n <= AUTO_FLOW_TOKENS or st.session_state.get(f"flow_{aid}") or \
+            service.cached(flow_request) or \
             st.button(f"Compute attention flow ({n} tokens: may take a minute or more)"):
         st.session_state[f"flow_{aid}"] = True
-        flow_id = shared.derived(AnalysisRequest.make("attention_flow", record.model,
-                                                      record.text, head_fusion=fusion),
-                                 "Attention flow")
+        flow_id = shared.derived(flow_request, "Attention flow")
     flow = None
     if flow_id:
         raw = service.array(flow_id, "flow")
         flow = raw / np.where(raw.sum(1, keepdims=True) > 0, raw.sum(1, keepdims=True), 1)
         rows["Flow"] = flow[target]
-    grad_id = shared.derived(AnalysisRequest.make("gradient_rollout", record.model, record.text,
-                                                  target=int(target)),
-                             "Gradient-weighted rollout")
-    gradient = service.array(grad_id, "gradient_rollout") if grad_id else None
+    gradient = None
+    if n <= full_max:
+        grad_id = shared.derived(AnalysisRequest.make("gradient_rollout", record.model,
+                                                      record.text, target=int(target)),
+                                 "Gradient-weighted rollout")
+        gradient = service.array(grad_id, "gradient_rollout") if grad_id else None
+    else:
+        st.info(f"Gradient-weighted rollout and the full matrices are offered up to "
+                f"{full_max:,} tokens ({n:,} here): raw attention and the target's rollout "
+                "are exact at any length.")
     if gradient is not None:
         rows["Gradient-weighted rollout"] = gradient[-1, target]
 
-    shown_labels = labels[1:] if no_sink else labels
     if no_sink:
         rows = {name: service.without_first_token(row) for name, row in rows.items()}
     offset = 1 if no_sink else 0
     sink_note = " (first token excluded, renormalised)" if no_sink else ""
     st.subheader(f"Where {target} {labels[target]} draws from{sink_note}")
-    columns = st.columns(2)
-    for i, (name, row) in enumerate(rows.items()):
-        with columns[i % 2]:
-            st.html(highlighted_tokens(shown_labels, row, name,
-                                       highlight=target - offset if target >= offset else None))
-            st.altair_chart(attention_bars(row, shown_labels, offset, name, target))
+    scores_view(record, rows, target, no_sink)
 
-    with st.expander("Full (query × key) matrices", expanded=n <= 48):
-        m1, m2, m3 = st.columns(3)
-        m1.altair_chart(heatmap(rollout[depth - 1], labels, f"Rollout after layer {depth}"))
-        if flow is not None:
-            m2.altair_chart(heatmap(flow, labels, "Flow (rows normalised)"))
-        if gradient is not None:
-            m3.altair_chart(heatmap(gradient[-1], labels, "Gradient-weighted rollout"))
+    if n <= full_max:
+        with st.expander(f"Full (query × key) matrices{sink_note}", expanded=n <= 48):
+            matrices = {f"Rollout after layer {depth}": service.rollout(aid, fusion)[depth - 1]}
+            if flow is not None:
+                matrices["Flow (rows normalised)"] = flow
+            if gradient is not None:
+                matrices["Gradient-weighted rollout"] = gradient[-1]
+            for column, (name, matrix) in zip(st.columns(3), matrices.items()):
+                shown = service.without_first_token(matrix) if no_sink else matrix
+                column.altair_chart(heatmap(shown, labels, name, offset))
     with st.expander("What these methods are, and their caveats"):
         st.markdown(EXPLANATIONS)
     with st.expander("Export and share", expanded=True):
         table = np.stack(list(rows.values()), axis=1)
-        st.download_button("CSV of the four scores", lambda: export.matrix_csv(
+        shown_labels = labels[offset:]
+        st.download_button("CSV of the scores", lambda: export.matrix_csv(
             table, [f"{i + offset} {t}" for i, t in enumerate(shown_labels)], list(rows)),
             file_name=f"rollout_target{target}.csv", mime="text/csv")
         shared.share_link({"a": aid, "target": f"{target} {labels[target]}", "fusion": fusion,
                            "depth": depth, "no_sink": "true" if no_sink else None})
+
+
+st.header("Rollout & flow")
+current = shared.require_analysis()
+if current:
+    rollout_view(current)

@@ -56,7 +56,8 @@ def head_grid(thumbnails: np.ndarray, scores: np.ndarray | None = None,
                if scores is not None else alt.value("#ffffff")),
         stroke=alt.condition(pick, alt.value("#d62728"), alt.value("#dddddd")),
     ).add_params(pick)
-    images = alt.Chart(frame).mark_image(width=cell - 8, height=cell - 8, smooth=False).encode(
+    # Drawn at `cell` pixels per head (render with width="content"): the image fills the cell.
+    images = alt.Chart(frame).mark_image(width=cell - 6, height=cell - 6, smooth=False).encode(
         x=x, y=y, url="img:N", tooltip=tooltip)
     return (frame_mark + images).properties(width=cell * n_heads, height=cell * n_layers)
 

@@ -12,14 +12,31 @@ import pandas as pd
 
 from viz.selection import clicked_points
 
-COLOR = alt.Scale(scheme="blues", domain=[0, 1], clamp=True)
 QUERY_SELECTION = "cell"
+BRUSH = "brush"
+SCALES = ("linear", "log", "rank")
+CELL_PX = 11  # smallest row height at which every token label fits (none are thinned)
 
 
-def _color_scale(values: np.ndarray) -> alt.Scale:
-    # Most weights are tiny next to a sink token; a data-driven domain keeps the pattern visible.
-    top = float(np.nanmax(values)) if values.size else 1.0
-    return alt.Scale(scheme="blues", domain=[0, max(top, 1e-6)])
+def _colour(values: np.ndarray, scale: str, title: str) -> tuple[str, alt.Color]:
+    """The field to colour by and its encoding. Most weights are tiny next to a sink token, so
+    every scale's domain follows the data: linear up to the largest weight; log (symmetric, so
+    zeros stay white) resolves three decades below it; rank colours by the share of shown cells
+    with a smaller weight, which shows the order of weights whatever their spread."""
+    top = max(float(np.nanmax(values)) if values.size else 1.0, 1e-6)
+    if scale == "rank":
+        return "rank", alt.Color("rank:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]),
+                                 title="rank (share below)")
+    kind = alt.Scale(scheme="blues", domain=[0, top], type="symlog", constant=top / 1000) \
+        if scale == "log" else alt.Scale(scheme="blues", domain=[0, top])
+    return "weight", alt.Color("weight:Q", scale=kind, title=title)
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    """Share of the values strictly smaller than each (ties share a rank), in [0, 1)."""
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    return (np.searchsorted(np.sort(flat), flat, side="left") / max(flat.size, 1)).reshape(
+        np.shape(values))
 
 
 def axis_labels(labels: list[str], offset: int) -> list[str]:
@@ -27,10 +44,17 @@ def axis_labels(labels: list[str], offset: int) -> list[str]:
     return [f"{offset + i} {t}" for i, t in enumerate(labels)]
 
 
+def detail_size(n_query: int, n_key: int, size: int = 520) -> tuple[int, int]:
+    """(width, height) in pixels: at least CELL_PX per token so every label is drawn, in the
+    browser as in the exported PNG."""
+    return max(size, CELL_PX * n_key), max(size, CELL_PX * n_query)
+
+
 def attention_heatmap(matrix: np.ndarray, query_labels: list[str], key_labels: list[str],
                       query_offset: int = 0, key_offset: int = 0, title: str = "",
-                      size: int = 520) -> alt.Chart:
-    """Full-detail heatmap of a (query, key) window. Clicking a cell selects its query token."""
+                      size: int = 520, scale: str = "linear") -> alt.Chart:
+    """Full-detail heatmap of a (query, key) window. Clicking a cell selects its query token.
+    Every label is drawn (no thinning): the chart grows with the window instead."""
     n_q, n_k = matrix.shape
     q_axis, k_axis = axis_labels(query_labels, query_offset), axis_labels(key_labels, key_offset)
     qi, ki = np.meshgrid(np.arange(n_q), np.arange(n_k), indexing="ij")
@@ -39,41 +63,73 @@ def attention_heatmap(matrix: np.ndarray, query_labels: list[str], key_labels: l
         "q": np.asarray(q_axis)[qi.ravel()], "k": np.asarray(k_axis)[ki.ravel()],
         "weight": np.round(matrix.ravel().astype(float), 4),
     })
-    pick = alt.selection_point(name=QUERY_SELECTION, fields=["query"], on="click")
+    if scale == "rank":
+        frame["rank"] = np.round(ranks(matrix).ravel(), 3)
+    field, colour = _colour(matrix, scale, "attention")
+    pick = alt.selection_point(name=QUERY_SELECTION, fields=["query", "key"], on="click")
+    width, height = detail_size(n_q, n_k, size)
     return alt.Chart(frame, title=title).mark_rect().encode(
         x=alt.X("k:N", sort=k_axis, title="key (attended to)",
-                axis=alt.Axis(labelAngle=-60, labelLimit=90)),
-        y=alt.Y("q:N", sort=q_axis, title="query (attending)", axis=alt.Axis(labelLimit=90)),
-        color=alt.Color("weight:Q", scale=_color_scale(matrix), title="attention"),
+                axis=alt.Axis(labelAngle=-60, labelLimit=90, labelOverlap=False)),
+        y=alt.Y("q:N", sort=q_axis, title="query (attending)",
+                axis=alt.Axis(labelLimit=90, labelOverlap=False)),
+        color=colour,
         opacity=alt.condition(pick, alt.value(1.0), alt.value(0.55)),
         tooltip=[alt.Tooltip("q:N", title="query"), alt.Tooltip("k:N", title="key"),
                  alt.Tooltip("weight:Q", format=".4f")],
-    ).add_params(pick).properties(width=size, height=size)
+    ).add_params(pick).properties(width=width, height=height)
 
 
 def binned_heatmap(values: np.ndarray, query_edges: np.ndarray, key_edges: np.ndarray,
-                   labels: list[str], title: str = "", size: int = 520) -> alt.Chart:
-    """Overview of a long input: each cell is the mean attention of a block of tokens.
-    Clicking a cell selects its query block (the page zooms into it)."""
-    rows = []
-    for qb in range(len(query_edges) - 1):
-        for kb in range(len(key_edges) - 1):
-            q0, q1, k0, k1 = query_edges[qb], query_edges[qb + 1], key_edges[kb], key_edges[kb + 1]
-            rows.append((q0, q1, k0, k1, round(float(values[qb, kb]), 5),
-                         f"{q0}–{q1 - 1} {labels[q0]}…", f"{k0}–{k1 - 1} {labels[k0]}…"))
-    frame = pd.DataFrame(rows, columns=["q0", "q1", "k0", "k1", "weight", "queries", "keys"])
-    pick = alt.selection_point(name=QUERY_SELECTION, fields=["q0", "q1"], on="click")
-    n = int(query_edges[-1])
+                   labels: list[str], title: str = "", size: int = 520,
+                   scale: str = "linear", drag: bool = False) -> alt.Chart:
+    """Overview of a long input or a wide window: each cell is the mean attention of a block of
+    tokens; edges are token positions (block b covers [edges[b], edges[b + 1])). Clicking a
+    block selects it ({q0, q1, k0, k1}); with `drag`, dragging selects a range (BRUSH)."""
+    qb, kb = np.meshgrid(np.arange(len(query_edges) - 1), np.arange(len(key_edges) - 1),
+                         indexing="ij")
+    q0, q1 = query_edges[qb.ravel()], query_edges[qb.ravel() + 1]
+    k0, k1 = key_edges[kb.ravel()], key_edges[kb.ravel() + 1]
+    frame = pd.DataFrame({
+        "q0": q0, "q1": q1, "k0": k0, "k1": k1,
+        "weight": np.round(np.asarray(values, dtype=float).ravel(), 5),
+        "queries": [f"{a}–{b - 1} {labels[a]}…" for a, b in zip(q0, q1)],
+        "keys": [f"{a}–{b - 1} {labels[a]}…" for a, b in zip(k0, k1)],
+    })
+    if scale == "rank":
+        frame["rank"] = np.round(ranks(values).ravel(), 3)
+    field, colour = _colour(np.asarray(values), scale, "mean attention")
+    pick = alt.selection_point(name=QUERY_SELECTION, fields=["q0", "q1", "k0", "k1"],
+                               on="click")
+    q_domain = [int(query_edges[-1]), int(query_edges[0])]
+    k_domain = [int(key_edges[0]), int(key_edges[-1])]
     return alt.Chart(frame, title=title).mark_rect().encode(
-        x=alt.X("k0:Q", title="key position", scale=alt.Scale(domain=[0, n])), x2="k1:Q",
-        y=alt.Y("q0:Q", title="query position", scale=alt.Scale(domain=[n, 0])), y2="q1:Q",
-        color=alt.Color("weight:Q", scale=_color_scale(values), title="mean attention"),
+        x=alt.X("k0:Q", title="key position", scale=alt.Scale(domain=k_domain, nice=False)),
+        x2="k1:Q",
+        y=alt.Y("q0:Q", title="query position", scale=alt.Scale(domain=q_domain, nice=False)),
+        y2="q1:Q",
+        color=colour,
         opacity=alt.condition(pick, alt.value(1.0), alt.value(0.6)),
         tooltip=[alt.Tooltip("queries:N"), alt.Tooltip("keys:N"),
                  alt.Tooltip("weight:Q", title="mean attention", format=".5f")],
-    ).add_params(pick).properties(width=size, height=size)
+    ).add_params(pick, *([alt.selection_interval(name=BRUSH, encodings=["x", "y"])]
+                         if drag else [])).properties(width=size, height=size)
+
+
+def block_labels(edges: np.ndarray) -> list[str]:
+    """CSV labels of binned rows or columns: the token range of each block ("16-31")."""
+    return [f"{a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:])]
 
 
 def selected_values(event, field: str) -> list:
     """Values of `field` in a heatmap's click selection."""
     return [p[field] for p in clicked_points(event, QUERY_SELECTION) if field in p]
+
+
+def brushed_range(event) -> dict[str, tuple[float, float]] | None:
+    """The dragged rectangle of an overview, {"k0": (lo, hi), "q0": (lo, hi)} in token
+    positions, or None without a drag."""
+    brush = (event or {}).get("selection", {}).get(BRUSH) or {}
+    if "k0" in brush and "q0" in brush:
+        return {f: (min(brush[f]), max(brush[f])) for f in ("k0", "q0")}
+    return None

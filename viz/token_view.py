@@ -28,25 +28,28 @@ def attention_bars(weights: np.ndarray, labels: list[str], offset: int, title: s
     ).properties(height=220)
 
 
-def attention_lines(matrix: np.ndarray, labels: list[str], offset: int,
-                    selected: int | None = None, min_weight: float = 0.02) -> alt.Chart:
-    """bertviz-style lines for a square (query, key) window: queries left, keys right.
+def attention_lines(matrix: np.ndarray, query_labels: list[str], key_labels: list[str],
+                    query_offset: int = 0, key_offset: int = 0, selected: int | None = None,
+                    min_weight: float = 0.02) -> alt.Chart:
+    """bertviz-style lines for a (query, key) window: queries left, keys right.
     With a selected query only its lines are drawn, otherwise all lines above `min_weight`."""
-    n = matrix.shape[0]
-    rows = [(q, k, float(matrix[q, k])) for q in range(n) for k in range(n)
-            if matrix[q, k] >= min_weight and (selected is None or q + offset == selected)]
+    n_q, n_k = matrix.shape
+    rows = [(q, k, float(matrix[q, k])) for q, k in zip(*np.nonzero(matrix >= min_weight))
+            if selected is None or q + query_offset == selected]
     lines = pd.DataFrame(
         [(i, side, pos, w) for i, (q, k, w) in enumerate(rows)
          for side, pos in ((0, q), (1, k))], columns=["edge", "side", "pos", "weight"])
-    tokens = pd.DataFrame({"side": np.repeat([0, 1], n), "pos": np.tile(np.arange(n), 2),
-                           "token": labels * 2})
-    tokens["label"] = [f"{p + offset} {t}" for p, t in zip(tokens["pos"], tokens["token"])]
+    tokens = pd.DataFrame({"side": [0] * n_q + [1] * n_k,
+                           "pos": list(range(n_q)) + list(range(n_k)),
+                           "label": [f"{p + query_offset} {t}" for p, t in enumerate(query_labels)]
+                           + [f"{p + key_offset} {t}" for p, t in enumerate(key_labels)]})
+    n = max(n_q, n_k)
     y = alt.Y("pos:Q", scale=alt.Scale(domain=[n - 0.5, -0.5]), axis=None)
     x = alt.X("side:Q", scale=alt.Scale(domain=[-0.6, 1.6]), axis=None)
     edges = alt.Chart(lines).mark_line(color="#1f77b4").encode(
         x=x, y=y, detail="edge:N", opacity=alt.Opacity("weight:Q", legend=None,
                                                         scale=alt.Scale(domain=[0, 1])))
     base = alt.Chart(tokens).encode(x=x, y=y, text="label:N")
-    left = base.transform_filter("datum.side == 0").mark_text(align="right", dx=-6, fontSize=12)
-    right = base.transform_filter("datum.side == 1").mark_text(align="left", dx=6, fontSize=12)
-    return (edges + left + right).properties(width=360, height=max(200, 16 * n))
+    left = base.transform_filter("datum.side == 0").mark_text(align="right", dx=-6, fontSize=11)
+    right = base.transform_filter("datum.side == 1").mark_text(align="left", dx=6, fontSize=11)
+    return (edges + left + right).properties(width=360, height=max(200, 14 * n))
