@@ -7,6 +7,8 @@ ATLAS_MAX_TOKENS  longest input analysed (default: 8192 on the CPU, 32768 on a G
                   than the model's context)
 ATLAS_FULL_MATRIX_TOKENS  longest input whose views may use full (layer, T, T) products such as
                   the full rollout (default: 1024)
+ATLAS_QK_16BIT    "1" keeps a float32 model's query and key in 16 bits (half the cache; weights
+                  then within about 1e-2 of eager's); 16-bit models are always kept in 16 bits
 ATLAS_MEMORY_MB   one budget for the service's in-process caches (default: 2048)
 ATLAS_DEVICE      "cpu", "cuda", "cuda:1"... (default: cuda when present, else cpu)
 ATLAS_ALLOW_HUB   "0" refuses hub ids (default "1": load them when the hub or its cache has them)
@@ -45,6 +47,7 @@ class Settings:
     max_tokens: int = 8192
     full_matrix_max_tokens: int = 1024
     memory_budget_bytes: int = 2 << 30
+    qk_16bit: bool = False
     device: str | None = None
     allow_hub: bool = True
     converted_dir: Path | None = None
@@ -68,6 +71,7 @@ class Settings:
                 "ATLAS_DEVICE"))),
             full_matrix_max_tokens=int(env.get("ATLAS_FULL_MATRIX_TOKENS", "1024")),
             memory_budget_bytes=int(env.get("ATLAS_MEMORY_MB", "2048")) << 20,
+            qk_16bit=env.get("ATLAS_QK_16BIT", "0") == "1",
             device=env.get("ATLAS_DEVICE") or None,
             allow_hub=env.get("ATLAS_ALLOW_HUB", "1") != "0",
             converted_dir=Path(env["ATLAS_CONVERTED_DIR"]).resolve()

@@ -10,24 +10,25 @@ from collections import Counter
 import hashlib
 import io
 import tempfile
-import threading
 import zipfile
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from backend import analyses
 from backend.analyses import AnalysisRequest, analysis_id
-from backend.analyses.attention import layer_array_name
+from backend.analyses.attention import OVERVIEW_BINS
+from backend.attention_maps import open_maps, regroup
 from backend.analyses.thought_anchors import (PUBLISHED_FILES, as_published_trace,
                                              published_analysis)
 from backend.comparison import Comparisons
 from backend.config import Settings
 from backend.errors import InputError
-from backend.methods.binning import BinnedMatrix, bin_matrix
-from backend.methods.heads import roles
+from backend.memory import BoundedCache
+from backend.methods.binning import BinnedMatrix, bin_edges, bin_matrix
+from backend.methods.exact import check_window
 from backend.methods.rollout import (HEAD_FUSIONS, attention_rollout, exclude_first_token,
                                      target_rollout_rows)
 from backend.methods.thought_anchors.graph import incoming, top_links
@@ -46,35 +47,14 @@ class Ticket:
     job_id: str | None = None
 
 
-class _LayerCache:
-    """Recently used attention layers in memory, bounded by bytes (shared by all sessions)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key, load):
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        value = load()
-        with self._lock:
-            self._items[key] = value
-            while sum(v.nbytes for v in self._items.values()) > self.max_bytes and \
-                    len(self._items) > 1:
-                self._items.popitem(last=False)
-        return value
-
-
 class AtlasService(Comparisons):
     def __init__(self, settings: Settings | None = None, store: Store | None = None,
                  worker: Worker | None = None):
         self.settings = settings or Settings.from_env()
         self.store = store or Store(self.settings.database_path)
         self.worker = worker or Worker(self.settings)
-        self._layers = _LayerCache(max_bytes=1 << 30)
+        self.memory = BoundedCache(self.settings.memory_budget_bytes)
+        self.device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     # --- requests -------------------------------------------------------------------------
     def submit(self, request: AnalysisRequest) -> Ticket:
@@ -189,26 +169,57 @@ class AtlasService(Comparisons):
     def recent(self, limit: int = 20) -> list[AnalysisRecord]:
         return self.store.recent(limit=limit)
 
+    def maps(self, aid: str):
+        """The analysis's exact weights on demand (backend.attention_maps)."""
+        record = self.analysis(aid)
+        if record.kind != "attention":
+            raise InputError(f"Analysis '{aid}' is a {record.kind} analysis, not attention.")
+        return open_maps(self.store, record, self.memory, self.device)
+
+    def _full_matrix_limit(self, n_tokens: int, what: str, instead: str) -> None:
+        limit = self.settings.full_matrix_max_tokens
+        if n_tokens > limit:
+            raise InputError(f"{what} is offered up to {limit:,} tokens (ATLAS_FULL_MATRIX_TOKENS)"
+                             f"; this input has {n_tokens:,}. {instead}")
+
     def attention_layer(self, aid: str, layer: int) -> np.ndarray:
-        """(head, query, key) float16 attention of one layer."""
-        return self._layers.get((aid, layer),
-                                lambda: self.store.load_array(aid, layer_array_name(layer)))
+        """(head, query, key) float32 exact attention of one layer (inputs up to
+        settings.full_matrix_max_tokens)."""
+        maps = self.maps(aid)
+        self._full_matrix_limit(maps.n_tokens, "A whole layer", "Ask for a window instead.")
+        whole = slice(0, maps.n_tokens)
+        return maps.weights(layer, whole, whole).cpu().numpy()
 
     def attention_matrix(self, aid: str, layer: int, head: int | None,
                          query: slice = slice(None), key: slice = slice(None)) -> np.ndarray:
-        """(query, key) float32 attention of one head, or the mean over heads if head is None,
-        restricted to a token window."""
-        layer_attn = self.attention_layer(aid, layer)
-        block = layer_attn[:, query, key].astype(np.float32)
-        return block.mean(axis=0) if head is None else block[head]
+        """(query, key) float32 exact attention of one head, or the mean over heads if head is
+        None, of a token window; the cost grows with the window, not with the input."""
+        maps = self.maps(aid)
+        query, key = check_window(maps.n_tokens, query, key)
+        heads = None if head is None else [self._head(maps, head)]
+        return maps.weights(layer, query, key, heads).mean(0).cpu().numpy()
+
+    @staticmethod
+    def _head(maps, head: int) -> int:
+        if not 0 <= head < maps.n_heads:
+            raise InputError(f"Head {head} does not exist; layers have {maps.n_heads} heads.")
+        return int(head)
+
+    @staticmethod
+    def _token(maps, token: int) -> int:
+        if not 0 <= token < maps.n_tokens:
+            raise InputError(f"Token {token} is outside the input's {maps.n_tokens} tokens.")
+        return int(token)
 
     def attention_row(self, aid: str, layer: int, head: int | None, token: int) -> np.ndarray:
         """(key,) where `token` looks: its full row."""
+        token = self._token(self.maps(aid), token)
         return self.attention_matrix(aid, layer, head, slice(token, token + 1))[0]
 
     def attention_column(self, aid: str, layer: int, head: int | None,
                          token: int) -> np.ndarray:
         """(query,) who looks at `token`: its full column."""
+        token = self._token(self.maps(aid), token)
         return self.attention_matrix(aid, layer, head, key=slice(token, token + 1))[:, 0]
 
     def strongest_keys(self, aid: str, layer: int, head: int | None, token: int,
@@ -220,12 +231,24 @@ class AtlasService(Comparisons):
 
     def attention_overview(self, aid: str, layer: int, head: int | None, bins: int,
                            query: slice = slice(None), key: slice = slice(None)) -> BinnedMatrix:
-        """A (query, key) window (default: the whole matrix) mean-pooled to at most bins x bins;
-        edges are token indices of the whole input."""
-        n = len(self.analysis(aid).meta["tokens"])
-        q0, k0 = query.indices(n)[0], key.indices(n)[0]
-        binned = bin_matrix(self.attention_matrix(aid, layer, head, query, key), bins)
-        return BinnedMatrix(binned.values, binned.query_edges + q0, binned.key_edges + k0)
+        """Mean-pooled blocks of the exact map: the whole map from the stored overview (pooled
+        further for fewer bins), a window (or more bins than stored) computed. Edges are token
+        indices of the whole input."""
+        maps = self.maps(aid)
+        n = maps.n_tokens
+        query, key = check_window(n, query, key)
+        heads = None if head is None else [self._head(maps, head)]
+        whole = query == key == slice(0, n)
+        if whole and bins <= min(n, OVERVIEW_BINS):
+            stored = maps.overview(layer)
+            stored = stored.mean(0) if head is None else stored[head]
+            values, edges = regroup(stored, bin_edges(n, OVERVIEW_BINS), bins)
+            return BinnedMatrix(values, edges, edges)
+        q_edges = bin_edges(query.stop - query.start, bins) + query.start
+        k_edges = bin_edges(key.stop - key.start, bins) + key.start
+        spans = lambda e: np.stack([e[:-1], e[1:]], axis=1)
+        values = maps.pooled(layer, heads, spans(q_edges), spans(k_edges), query, key)
+        return BinnedMatrix(values.mean(0), q_edges, k_edges)
 
     def array_names(self, aid: str) -> list[str]:
         """Names of the arrays an analysis stored (what a view can show of it)."""
@@ -236,52 +259,45 @@ class AtlasService(Comparisons):
         return self.store.load_array(aid, name)
 
     def attention(self, aid: str) -> np.ndarray:
-        """(layer, head, query, key) float32: every layer, for methods that combine layers."""
-        meta = self.analysis(aid).meta
-        return np.stack([self.attention_layer(aid, layer) for layer in range(meta["n_layers"])],
-                        dtype=np.float32)
+        """(layer, head, query, key) float32: every layer, for methods that combine layers
+        (inputs up to settings.full_matrix_max_tokens)."""
+        return np.stack([self.attention_layer(aid, layer)
+                         for layer in range(self.analysis(aid).meta["n_layers"])])
 
     def rollout(self, aid: str, head_fusion: str = "mean") -> np.ndarray:
         """Attention rollout after each layer, (layer, query, key) (Abnar & Zuidema); inputs up
         to settings.full_matrix_max_tokens (longer: target_rollout)."""
-        n = len(self.analysis(aid).meta["tokens"])
-        limit = self.settings.full_matrix_max_tokens
-        if n > limit:
-            raise InputError(f"The full rollout is offered up to {limit:,} tokens; this input has "
-                             f"{n:,}. Follow one token instead (target_rollout).")
-        return attention_rollout(self.attention(aid), head_fusion)
+        self._full_matrix_limit(len(self.analysis(aid).meta["tokens"]), "The full rollout",
+                                "Follow one token instead (target_rollout).")
+        return self.memory.get((aid, "rollout", head_fusion),
+                               lambda: attention_rollout(self.attention(aid), head_fusion))
 
     def target_rollout(self, aid: str, target: int, head_fusion: str = "mean",
                        exclude_first: bool = False) -> np.ndarray:
         """(layer, key) the rollout row of `target` after each layer: r_l = r_{l+1..} chain of
         vector-matrix products from the top, O(layers x T^2) (see methods.rollout)."""
-        meta = self.analysis(aid).meta
-        n = len(meta["tokens"])
-        if not 0 <= target < n:
-            raise InputError(f"Target token {target} is outside the input's {n} tokens.")
+        maps = self.maps(aid)
+        target = self._token(maps, target)
         if head_fusion not in HEAD_FUSIONS:
             raise InputError(f"Head fusion must be one of {', '.join(HEAD_FUSIONS)}.")
+        whole = slice(0, maps.n_tokens)
 
-        def fused_rows(layer: int, queries: slice) -> np.ndarray:
-            heads = self.attention_layer(aid, layer)[:, queries].astype(np.float32)
-            return getattr(heads, head_fusion)(axis=0)
+        def fused_rows(layer: int, queries: slice) -> torch.Tensor:
+            weights = maps.weights(layer, queries, whole)
+            return weights.mean(0) if head_fusion == "mean" else getattr(weights, head_fusion)(
+                0).values
 
-        rows = target_rollout_rows(fused_rows, meta["n_layers"], n, target,
-                                   causal=meta["causal"])
+        rows = self.memory.get((aid, "target_rollout", target, head_fusion), lambda: (
+            target_rollout_rows(fused_rows, maps.n_layers, maps.n_tokens, target,
+                                maps.chunk(maps.n_tokens), maps.causal)))
         return exclude_first_token(rows) if exclude_first else rows
 
     def head_statistics(self, aid: str) -> dict[str, np.ndarray]:
         """(layer, head) per-head scores: "entropy" (nats, mean over queries), "sink" (mass on
-        token 0), "previous_token", "diagonal" (see methods.heads.roles)."""
-        meta = self.analysis(aid).meta
-        stats = {"entropy": [], "sink": [], "previous_token": [], "diagonal": []}
-        for layer in range(meta["n_layers"]):
-            weights = self.attention_layer(aid, layer).astype(np.float32)
-            stats["entropy"].append(roles.attention_entropy(weights))
-            stats["sink"].append(roles.first_token_scores(weights))
-            stats["previous_token"].append(roles.previous_token_scores(weights))
-            stats["diagonal"].append(roles.self_scores(weights))
-        return {name: np.stack(v) for name, v in stats.items()}
+        token 0), "previous_token", "diagonal" (see methods.heads.roles; NaN under 3 tokens)."""
+        stats = self.maps(aid).statistics()
+        return {"entropy": stats["entropy"], "sink": stats["first_token"],
+                "previous_token": stats["previous_token"], "diagonal": stats["self"]}
 
     @staticmethod
     def bin(matrix: np.ndarray, bins: int) -> BinnedMatrix:
@@ -294,7 +310,9 @@ class AtlasService(Comparisons):
         return exclude_first_token(scores)
 
     def head_thumbnails(self, aid: str, size: int) -> np.ndarray:
-        """(layer, head, size', size') every head's attention pooled to at most size x size."""
-        meta = self.analysis(aid).meta
-        return np.stack([bin_matrix(self.attention_layer(aid, layer), size).values
-                         for layer in range(meta["n_layers"])])
+        """(layer, head, size', size') every head's attention pooled to at most size x size,
+        from the stored overviews."""
+        maps = self.maps(aid)
+        edges = bin_edges(maps.n_tokens, OVERVIEW_BINS)
+        return np.stack([regroup(maps.overview(layer), edges, size)[0]
+                         for layer in range(maps.n_layers)])

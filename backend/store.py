@@ -56,6 +56,12 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (analysis_id, chunk_idx, forced, rollout_idx)
     );
     """,
+    # Bytes of each stored array, so the size of an analysis is known without reading its BLOBs
+    # (attention analyses now store query and key instead of full maps: see analyses.attention).
+    """
+    ALTER TABLE arrays ADD COLUMN nbytes BIGINT;
+    UPDATE arrays SET nbytes = octet_length(data);
+    """,
 ]
 
 ROLLOUT_COLUMNS = ("chunk_idx", "forced", "rollout_idx", "continuation", "chunk_resampled",
@@ -138,9 +144,12 @@ class Store:
             cur.execute("BEGIN TRANSACTION")
             try:
                 for name, array in arrays.items():  # one encoded copy in memory at a time
-                    cur.execute("INSERT INTO arrays VALUES (?, ?, ?, ?, ?)",
-                                [record.id, name, str(array.dtype), list(array.shape),
-                                 encode_array(array)])
+                    blob = encode_array(array)
+                    cur.execute("INSERT INTO arrays (analysis_id, name, dtype, shape, data, nbytes)"
+                                " VALUES (?, ?, ?, ?, ?, ?)",
+                                [record.id, name, str(array.dtype), list(array.shape), blob,
+                                 len(blob)])
+                    del blob
                 cur.execute(
                     "INSERT INTO analyses (id, kind, model, model_fingerprint, text, params, meta)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -168,6 +177,12 @@ class Store:
         if row is None:
             raise NotFoundError(f"Analysis '{analysis_id}' has no array '{name}'.")
         return decode_array(row[0])
+
+    def stored_bytes(self, analysis_id: str) -> int:
+        """Bytes of an analysis's arrays in the cache."""
+        with self._cursor() as cur:
+            return int(cur.execute("SELECT coalesce(sum(nbytes), 0) FROM arrays WHERE "
+                                   "analysis_id = ?", [analysis_id]).fetchone()[0])
 
     def array_names(self, analysis_id: str) -> list[str]:
         with self._cursor() as cur:

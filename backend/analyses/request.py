@@ -14,7 +14,7 @@ from typing import Any
 
 from backend.errors import InputError
 
-CODE_VERSION = 2  # bump when a computation's results change
+CODE_VERSION = 3  # bump when a computation's results change
 MAX_TEXT_CHARS = 100_000
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backend.methods.capture import attention_modules
+from backend.methods.hooks import attention_weight_hooks
 
 
 def target_logit(model: nn.Module, input_ids: torch.Tensor, position: int) -> torch.Tensor:
@@ -29,24 +29,18 @@ def attention_and_gradients(model: nn.Module, input_ids: torch.Tensor, position:
                             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(attention, gradients), both (layer, head, query, key) float32 on the CPU, for the target
     at token `position` (input_ids: (1, tokens))."""
-    if model.config._attn_implementation != "eager":
-        model.set_attn_implementation("eager")
     weights: list[torch.Tensor] = []
 
-    def keep(module, args, output, index):
-        output[index].retain_grad()
-        weights.append(output[index])
+    def keep(layer: int, output: torch.Tensor) -> None:
+        output.retain_grad()
+        weights.append(output)
 
-    handles = [m.register_forward_hook(lambda mod, a, out, i=i: keep(mod, a, out, i))
-               for m, i in attention_modules(model)]
     try:
-        with torch.enable_grad():
+        with attention_weight_hooks(model, keep), torch.enable_grad():
             target = (target_logit if causal else target_similarity)(
                 model, input_ids.to(model.device), position)
             target.backward()
     finally:
-        for h in handles:
-            h.remove()
         model.zero_grad(set_to_none=True)
     attention = torch.stack([w.detach()[0].float().cpu() for w in weights])
     gradients = torch.stack([w.grad[0].float().cpu() for w in weights])

@@ -117,32 +117,38 @@ def gradient_rollout(attn, grads) -> np.ndarray:
     return rollout
 
 
-def target_rollout_rows(fused_rows: Callable[[int, slice], np.ndarray], n_layers: int,
-                        n_tokens: int, target: int, chunk: int = 1024,
-                        causal: bool = False) -> np.ndarray:
+def target_rollout_rows(fused_rows: Callable, n_layers: int, n_tokens: int, target: int,
+                        chunk: int = 1024, causal: bool = False) -> np.ndarray:
     """Row `target` of the rollout after each layer, (layer, key) float64, without forming R_l.
 
-    fused_rows(layer, queries) -> (query, key): the layer's head-fused attention rows (before
-    the residual). Row t of R_l = e_t Atil_l ... Atil_1 is a chain of vector-matrix products;
-    walking the layers once from the top, every start layer's vector is multiplied by the
-    current layer together ((layer, T) @ (T, T)), so each layer's rows are produced once, a chunk
-    of queries at a time: O(layers^2 x T^2) multiply-adds, O(layers x T + chunk x T) memory.
-    causal: queries after the target cannot reach it and are skipped.
+    fused_rows(layer, queries) -> (query, key) torch tensor: the layer's head-fused attention
+    rows (before the residual). Row t of R_l = e_t Atil_l ... Atil_1 is a chain of vector-matrix
+    products; walking the layers once from the top, every start layer's vector is multiplied by
+    the current layer together ((layer, T) @ (T, T)), so each layer's rows are produced once, a
+    chunk of queries at a time, on their device: O(layers x T^2) weights recomputed,
+    O(layers x T + chunk x T) memory. causal: queries after the target cannot reach it.
     """
-    vectors = np.zeros((0, n_tokens))
+    import torch  # the rest of this module is numpy only
+
+    vectors = None
     last = target + 1 if causal else n_tokens
     for layer in reversed(range(n_layers)):
-        start = np.zeros((1, n_tokens))
-        start[0, target] = 1.0
-        vectors = np.concatenate([vectors, start])  # start layer `layer` joins the walk
-        out = np.zeros_like(vectors)
+        out = None
         for q in range(0, last, chunk):
-            rows = np.asarray(fused_rows(layer, slice(q, min(q + chunk, last))), np.float64)
-            rows[:, q:q + len(rows)] += np.eye(len(rows))  # residual, then renormalise
-            rows /= rows.sum(-1, keepdims=True)
+            rows = fused_rows(layer, slice(q, min(q + chunk, last))).double()
+            if vectors is None:
+                vectors = torch.zeros(0, n_tokens, dtype=torch.float64, device=rows.device)
+            if out is None:  # start layer `layer` joins the walk
+                start = torch.zeros(1, n_tokens, dtype=torch.float64, device=rows.device)
+                start[0, target] = 1.0
+                vectors = torch.cat([vectors, start])
+                out = torch.zeros_like(vectors)
+            diagonal = torch.arange(len(rows), device=rows.device)
+            rows[diagonal, q + diagonal] += 1.0  # residual, then renormalise
+            rows /= rows.sum(-1, keepdim=True)
             out += vectors[:, q:q + len(rows)] @ rows
         vectors = out
-    return vectors[::-1].copy()  # vectors[i] started at layer n_layers - 1 - i
+    return vectors.flip(0).cpu().numpy()  # vectors[i] started at layer n_layers - 1 - i
 
 
 def exclude_first_token(scores) -> np.ndarray:

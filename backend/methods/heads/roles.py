@@ -91,7 +91,13 @@ def vertical_scores(attention, proximity_ignore: int = 4) -> np.ndarray:
 
 def receiver_kurtosis(attention, proximity_ignore: int = 4, skip_first: bool = True) -> np.ndarray:
     """Fisher kurtosis (biased) of the vertical scores over keys: (..., query, key) -> (...)."""
-    vertical = vertical_scores(attention, proximity_ignore)
+    return kurtosis_of_vertical(vertical_scores(attention, proximity_ignore), proximity_ignore,
+                                skip_first)
+
+
+def kurtosis_of_vertical(vertical, proximity_ignore: int = 4,
+                         skip_first: bool = True) -> np.ndarray:
+    """receiver_kurtosis from vertical scores (..., key) -> (...)."""
     scored = vertical[..., int(skip_first):vertical.shape[-1] - proximity_ignore]
     if scored.shape[-1] < 2:
         raise InputError(f"Receiver kurtosis needs more than {proximity_ignore + 2} tokens.")

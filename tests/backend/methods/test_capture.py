@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from backend.methods.capture import attention_modules, capture_attention
+from backend.methods.capture import capture_attention
+from backend.methods.hooks import attention_modules
 from backend.models import resolve_source
 
 TEXT = "The quick brown fox jumps over the lazy dog. Then it rests in the shade."
@@ -187,13 +188,13 @@ def test_progress_reports_every_layer_in_order(smollm2):
     assert seen == pytest.approx([(i + 1) / 30 for i in range(30)])
 
 
-def test_sdpa_model_is_switched_to_eager_and_yields_weights(settings, minilm):
+def test_sdpa_model_is_captured_in_eager_and_restored(settings, minilm):
     path = resolve_source("minilm", settings).path
     model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
     assert model.config._attn_implementation == "sdpa"
     ids = _ids(minilm)
     captured = capture_attention(model, ids)
-    assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"  # the switch lasts for the pass only
     assert all(c is not None for c in captured)
     stacked = np.stack(captured).astype(np.float32)
     assert stacked.shape == (6, 12, ids.shape[1], ids.shape[1])

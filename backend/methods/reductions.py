@@ -1,0 +1,140 @@
+"""Small summaries of a layer's attention, accumulated a chunk of queries at a time.
+
+A reducer sees exact weights p (head, query, key) float32 of queries [q0, q0 + C) and keys
+[k0, k0 + K) (keys outside that range have weight 0) and never the whole (head, T, T) map.
+`result()` gives the layer's summary once every query has been seen.
+
+- BlockMeans: mean attention of query spans x key spans (binned overviews, sentence blocks).
+- HeadStatistics: the head-role scores of `methods.heads.roles`, with the same definitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from backend.errors import InputError
+from backend.methods.binning import bin_edges
+from backend.methods.heads.roles import kurtosis_of_vertical
+
+
+def _span_index(spans: np.ndarray, n_tokens: int) -> np.ndarray:
+    """(token,) the span each token lies in, -1 outside every span."""
+    index = np.full(n_tokens, -1)
+    for i, (start, end) in enumerate(spans):
+        index[max(start, 0):min(end, n_tokens)] = i
+    return index
+
+
+class BlockMeans:
+    """(head, query span, key span) mean attention: block sum / (rows x columns); NaN for empty
+    spans. Key blocks come from a running sum over keys, so the cost is one pass over p."""
+
+    def __init__(self, query_spans: Sequence[tuple[int, int]],
+                 key_spans: Sequence[tuple[int, int]], n_heads: int, n_tokens: int, device):
+        self.q_spans = np.asarray(query_spans, dtype=np.int64).reshape(-1, 2).clip(0, n_tokens)
+        self.k_spans = np.asarray(key_spans, dtype=np.int64).reshape(-1, 2).clip(0, n_tokens)
+        self.q_index = torch.as_tensor(_span_index(self.q_spans, n_tokens), device=device)
+        self.sums = torch.zeros(n_heads, len(self.q_spans), len(self.k_spans),
+                                dtype=torch.float64, device=device)
+
+    @classmethod
+    def binned(cls, n_tokens: int, bins: int, n_heads: int, device) -> "BlockMeans":
+        """Blocks of `bin_edges(n_tokens, bins)` on both axes (a binned overview)."""
+        edges = bin_edges(n_tokens, bins)
+        spans = np.stack([edges[:-1], edges[1:]], axis=1)
+        return cls(spans, spans, n_heads, n_tokens, device)
+
+    def update(self, q0: int, k0: int, p: torch.Tensor) -> None:
+        n_keys = p.shape[-1]
+        running = p.cumsum(-1)  # (head, query, key): mass on keys k0 .. k
+        ends = torch.as_tensor(self.k_spans - k0, device=p.device).clamp(0, n_keys)
+        def before(x):  # mass on keys < k0 + x, (head, query, span)
+            picked = running.index_select(-1, (x - 1).clamp(min=0))
+            return picked * (x > 0)
+        key_sums = before(ends[:, 1]) - before(ends[:, 0])
+        rows = self.q_index[q0:q0 + p.shape[1]]
+        inside = rows >= 0
+        self.sums.index_add_(1, rows[inside], key_sums[:, inside].double())
+
+    def result(self) -> np.ndarray:
+        sizes = (np.diff(self.q_spans)[:, 0][:, None] * np.diff(self.k_spans)[:, 0][None, :])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = self.sums.cpu().numpy() / sizes
+        return np.where(sizes > 0, out, np.nan).astype(np.float32)
+
+
+ROLE_NAMES = ("previous_token", "first_token", "self", "locality", "entropy", "confidence",
+              "receiver_kurtosis")
+
+
+class HeadStatistics:
+    """Every role of `methods.heads.roles.head_roles` for one layer, (head,) each."""
+
+    def __init__(self, n_heads: int, n_tokens: int, device, window: int = 8,
+                 proximity_ignore: int = 4):
+        self.n, self.prox = n_tokens, proximity_ignore
+        self.w = max(1, min(window, n_tokens - 1))
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
+        self.totals = {name: zeros(n_heads) for name in ROLE_NAMES[:-1]}
+        self.vertical = zeros(n_heads, n_tokens)
+
+    def update(self, q0: int, k0: int, p: torch.Tensor) -> None:
+        heads, rows, n_keys = p.shape
+        device = p.device
+        t = torch.arange(q0, q0 + rows, device=device)
+        totals = self.totals
+        totals["entropy"] += torch.special.entr(p).sum(-1).sum(-1).double()
+        totals["confidence"] += p.amax(-1).sum(-1).double()
+
+        def at(keys):  # p[h, i, keys[i]] (0 outside the chunk's keys), (head, query)
+            local = keys - k0
+            ok = (local >= 0) & (local < n_keys)
+            picked = p.gather(-1, local.clamp(0, n_keys - 1)[None, :, None].expand(heads, -1, 1))
+            return picked[..., 0] * ok
+
+        late = (t >= 2).double()
+        totals["first_token"] += (at(torch.zeros_like(t)) * late).sum(-1)
+        totals["previous_token"] += (at(t - 1) * late).sum(-1)
+        totals["self"] += (at(t) * late).sum(-1)
+        # Locality: w (row mass - mass within distance < w) + sum of p |t - k| within it.
+        far_rows = (t >= self.w).double()
+        near_mass = torch.zeros(heads, rows, dtype=torch.float64, device=device)
+        near_dist = torch.zeros_like(near_mass)
+        for d in range(-(self.w - 1), self.w):
+            keys = t + d
+            value = at(keys.clamp(0, self.n - 1)) * ((keys >= 0) & (keys < self.n))
+            near_mass += value
+            near_dist += value * abs(d)
+        row_mass = p.sum(-1).double()
+        totals["locality"] += ((self.w * (row_mass - near_mass) + near_dist) * far_rows).sum(-1)
+        # Vertical scores: keys k <= t - proximity_ignore. Keys up to q0 - prox qualify for every
+        # row of the chunk; the few after need the per-row test.
+        every = max(0, min(n_keys, q0 - self.prox + 1 - k0))
+        if every:
+            self.vertical[:, k0:k0 + every] += p[..., :every].sum(1).double()
+        stop = max(every, min(n_keys, q0 + rows - self.prox - k0))
+        if stop > every:
+            keys = torch.arange(k0 + every, k0 + stop, device=device)
+            later = (t[:, None] - keys[None, :] >= self.prox)
+            self.vertical[:, k0 + every:k0 + stop] += (p[..., every:stop] * later).sum(1).double()
+
+    def result(self) -> dict[str, np.ndarray]:
+        n, totals = self.n, {k: v.cpu().numpy() for k, v in self.totals.items()}
+        positional = max(n - 2, 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = {name: totals[name] / positional if n >= 3 else totals[name] * np.nan
+                   for name in ("previous_token", "first_token", "self")}
+            out["entropy"] = totals["entropy"] / n
+            out["confidence"] = totals["confidence"] / n
+            out["locality"] = (1.0 - totals["locality"] / max(n - self.w, 1) / self.w
+                               if n >= 2 else totals["locality"] * np.nan)
+            counts = np.maximum(n - np.arange(n) - self.prox, 0)
+            vertical = np.where(counts > 0, self.vertical.cpu().numpy() / counts, np.nan)
+        try:
+            out["receiver_kurtosis"] = kurtosis_of_vertical(vertical, self.prox)
+        except InputError:  # too short an input: no score, as for the positional roles
+            out["receiver_kurtosis"] = np.full(len(vertical), np.nan)
+        return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
