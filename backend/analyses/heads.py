@@ -30,12 +30,11 @@ import torch
 from backend.analyses.request import AnalysisRequest
 from backend.errors import InputError
 from backend.methods.capture import capture_attention
-from backend.methods.heads import (METHODS, LossFn, attention_confidence, attention_entropy,
-                                   first_token_scores, induction_scores, locality_scores,
-                                   normalize_importance, previous_token_scores, pruning_curve,
-                                   raw_importance, receiver_kurtosis, self_scores,
-                                   sentence_similarity_loss)
-from backend.methods.tokens import tokenize
+from backend.methods.heads import (METHODS, LossFn, induction_scores, normalize_importance,
+                                   pruning_curve, raw_importance, sentence_similarity_loss)
+from backend.methods.qk_capture import UnsupportedAttention, capture_layers
+from backend.methods.reductions import ROLE_NAMES, HeadStatistics
+from backend.methods.tokens import model_context, tokenize
 from backend.store import AnalysisRecord
 
 STATISTICS = ("confidence", "entropy")  # importance methods that need no loss
@@ -46,17 +45,7 @@ INDUCTION = {"n_tokens": 50, "n_sequences": 2, "seed": 0}
 PRUNING_STEP = 0.05
 PRUNING_SEED = 0
 
-# Role name -> score of attention (..., query, key) -> (...); "induction" is computed apart.
-_ROLE_SCORES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "previous_token": previous_token_scores,
-    "first_token": first_token_scores,
-    "self": self_scores,
-    "locality": lambda a: locality_scores(a, LOCALITY_WINDOW),
-    "entropy": attention_entropy,
-    "confidence": attention_confidence,
-    "receiver_kurtosis": lambda a: receiver_kurtosis(a, PROXIMITY_IGNORE),
-}
-ROLES = (*_ROLE_SCORES, "induction")
+ROLES = (*ROLE_NAMES, "induction")
 
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
 _WORD_BREAK = re.compile(r"\s+")
@@ -173,32 +162,32 @@ def compute_head_importance(ctx, request: AnalysisRequest, aid: str):
 
 
 def compute_head_roles(ctx, request: AnalysisRequest, aid: str):
-    """Every role score of every head (ROLES), reduced layer by layer as attention is captured.
-    Roles a short text cannot give are listed in meta["unavailable"] with the reason."""
+    """Every role score of every head (ROLES), reduced chunk by chunk as attention is captured
+    (any length). Roles a short text cannot give are listed in meta["unavailable"] with the
+    reason."""
     lm = ctx.model(request.model)
-    tokens = tokenize(lm.tokenizer, request.text, ctx.settings.max_tokens)
+    tokens = tokenize(lm.tokenizer, request.text, ctx.settings.max_tokens,
+                      model_context(lm.model.config))
     if len(tokens.ids) < 3:
         raise InputError("Head roles need a text of at least 3 tokens.")
-    unavailable: dict[str, str] = {}
-
-    def reduce(layer: int, weights: torch.Tensor) -> dict[str, np.ndarray]:
-        attention = weights[0].float().cpu().numpy()            # (head, query, key)
-        scores = {}
-        for name, score in _ROLE_SCORES.items():
-            if name in unavailable:
-                continue
-            try:
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    scores[name] = score(attention)
-            except InputError as e:
-                unavailable[name] = str(e)
-        return scores
-
     ctx.progress(0.3, f"Role scores on {len(tokens.ids)} tokens")
-    layers = capture_attention(lm.model, torch.tensor([tokens.ids]), reduce=reduce,
-                               progress=ctx.span(0.3, 0.5))
-    arrays = {name: np.stack([layer[name] for layer in layers]).astype(np.float64)
-              for name in _ROLE_SCORES if name not in unavailable}
+    ids, progress = torch.tensor([tokens.ids]), ctx.span(0.3, 0.5)
+
+    def statistics(layer, n_heads, n_tokens, device):
+        return [HeadStatistics(n_heads, n_tokens, device, LOCALITY_WINDOW, PROXIMITY_IGNORE)]
+
+    try:
+        results = [layer.reductions[0] for layer in capture_layers(
+            lm.model, ids, statistics, keep_qk=False, progress=progress)]
+    except UnsupportedAttention:  # eager weights of the whole layer, reduced the same way
+        def reduce(layer: int, weights: torch.Tensor) -> dict[str, np.ndarray]:
+            stats = statistics(layer, weights.shape[1], weights.shape[-1], weights.device)[0]
+            stats.update(0, 0, weights[0].float())
+            return stats.result()
+        results = capture_attention(lm.model, ids, reduce=reduce, progress=progress)
+    unavailable = HeadStatistics.unavailable(len(tokens.ids), PROXIMITY_IGNORE)
+    arrays = {name: np.stack([r[name] for r in results]).astype(np.float64)
+              for name in ROLE_NAMES if name not in unavailable}
     ctx.progress(0.5, "Induction scores on repeated random tokens")
     arrays["induction"] = _induction(lm, ctx.span(0.5, 0.85)).astype(np.float64)
     meta = {"n_tokens": len(tokens.ids), "unavailable": unavailable, "induction": INDUCTION,

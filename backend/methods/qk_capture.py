@@ -110,7 +110,7 @@ def chunk_rows(n_heads: int, n_keys: int, device: torch.device,
     return int(max(16, budget // max(1, 4 * n_heads * n_keys)))
 
 
-class _Recorder:
+class LayerRecorder:
     def __init__(self, n_layers: int, reducers: Reducers | None, keep_qk: bool,
                  sixteen_bits: bool, chunk_bytes: int | None, progress: Progress | None):
         self.n_layers, self.reducers, self.keep_qk = n_layers, reducers, keep_qk
@@ -210,7 +210,7 @@ def capture_layers(model: nn.Module, input_ids: torch.Tensor, reducers: Reducers
     """
     config = model.config.get_text_config()
     n_layers = config.num_hidden_layers
-    recorder = _Recorder(n_layers, reducers, keep_qk, sixteen_bits, chunk_bytes, progress)
+    recorder = LayerRecorder(n_layers, reducers, keep_qk, sixteen_bits, chunk_bytes, progress)
     with attention_function(model, recorder):
         model.base_model(input_ids=input_ids.to(model.device), use_cache=False)
     recorder.finish()

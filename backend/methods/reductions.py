@@ -15,7 +15,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from backend.errors import InputError
 from backend.methods.binning import bin_edges
 from backend.methods.heads.roles import kurtosis_of_vertical
 
@@ -121,6 +120,18 @@ class HeadStatistics:
             later = (t[:, None] - keys[None, :] >= self.prox)
             self.vertical[:, k0 + every:k0 + stop] += (p[..., every:stop] * later).sum(1).double()
 
+    @staticmethod
+    def unavailable(n_tokens: int, proximity_ignore: int = 4) -> dict[str, str]:
+        """Roles an input of n_tokens cannot give (NaN in result()), with the reason."""
+        reasons = {}
+        if n_tokens < 3:
+            for name in ("previous_token", "first_token", "self"):
+                reasons[name] = "This head role needs at least 3 tokens."
+        if n_tokens - proximity_ignore - 1 < 2:
+            reasons["receiver_kurtosis"] = (f"Receiver kurtosis needs more than "
+                                            f"{proximity_ignore + 2} tokens.")
+        return reasons
+
     def result(self) -> dict[str, np.ndarray]:
         n, totals = self.n, {k: v.cpu().numpy() for k, v in self.totals.items()}
         positional = max(n - 2, 0)
@@ -133,8 +144,8 @@ class HeadStatistics:
                                if n >= 2 else totals["locality"] * np.nan)
             counts = np.maximum(n - np.arange(n) - self.prox, 0)
             vertical = np.where(counts > 0, self.vertical.cpu().numpy() / counts, np.nan)
-        try:
-            out["receiver_kurtosis"] = kurtosis_of_vertical(vertical, self.prox)
-        except InputError:  # too short an input: no score, as for the positional roles
+        if "receiver_kurtosis" in self.unavailable(n, self.prox):
             out["receiver_kurtosis"] = np.full(len(vertical), np.nan)
+        else:
+            out["receiver_kurtosis"] = kurtosis_of_vertical(vertical, self.prox)
         return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
