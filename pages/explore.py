@@ -61,7 +61,7 @@ def _token_option(labels: list[str]):
 
 def _controls(meta: dict, n: int) -> tuple:
     heads = [MEAN] + [str(h) for h in range(meta["n_heads"])]
-    c1, c2, c3, c4 = st.columns([3, 1, 2, 2])
+    c1, c2, c3 = st.columns([3, 1, 2])
     layer = c1.slider("Layer", 0, meta["n_layers"] - 1, meta["n_layers"] // 2, key="layer",
                       bind="query-params")
     head_choice = c2.selectbox("Head", heads, key="head", bind="query-params",
@@ -70,17 +70,17 @@ def _controls(meta: dict, n: int) -> tuple:
         "Colour scale", SCALES, default="linear", key="scale", bind="query-params",
         help="log and rank show small weights next to a dominant one (an attention sink).") \
         or "linear"
-    no_sink = c4.toggle("Leave out the first token", key="no_sink", bind="query-params",
+    w1, w2 = st.columns([4, 2])
+    no_sink = w2.toggle("Leave out the first token", key="no_sink", bind="query-params",
                         help="Drop key 0 (often an attention sink) and renormalise each row "
                              "over the other keys.")
     full = (0, n - 1)
     if n > 1:
-        w1, w2 = st.columns([5, 1])
         window = w1.slider("Queries (token window)", 0, n - 1, full, key="window",
                            bind="query-params",
                            help=f"Up to {DETAIL_MAX} tokens per side show cell by cell; wider "
                                 "windows show blocks: click a block or drag a range to zoom.")
-        split = w2.toggle("Separate keys", key="split", bind="query-params",
+        split = w2.toggle("Separate key window", key="split", bind="query-params",
                           help="Give keys their own window (zooming into an off-diagonal "
                                "block does this).")
         keys = (w1.slider("Keys (token window)", 0, n - 1, window, key="keys",
@@ -140,12 +140,13 @@ def _heatmap(aid: str, labels: list[str], layer: int, head, title: str, scale: s
 def _token_view(record, layer: int, head, no_sink: bool, queries, keys, labels) -> int | None:
     service, aid, n = shared.service(), record.id, len(labels)
     option = _token_option(labels)
-    token = st.selectbox("Token", range(n), index=None, key="token", bind="query-params",
+    t1, t2 = st.columns([3, 2])
+    token = t1.selectbox("Token", range(n), index=None, key="token", bind="query-params",
                          placeholder="Pick a token (or click a row)", format_func=option)
     if token is None:
         st.caption("Pick a token to see where it looks and who looks at it.")
         return None
-    direction = st.segmented_control("Reading view", list(DIRECTIONS), default="row",
+    direction = t2.segmented_control("Reading view", list(DIRECTIONS), default="row",
                                      key="direction", bind="query-params",
                                      format_func=DIRECTIONS.get) or "row"
     if direction == "row":
@@ -160,23 +161,26 @@ def _token_view(record, layer: int, head, no_sink: bool, queries, keys, labels) 
         title = f"Who looks at {option(token)}"
     first = 1 if no_sink else 0  # position of weights[0]
     lo, hi = max(shown[0], first), shown[1]
+    text_column, list_column = st.columns([3, 2])
     if hi - lo + 1 <= DETAIL_MAX:
-        st.altair_chart(attention_bars(weights[lo - first:hi - first + 1], labels[lo:hi + 1],
-                                       lo, title, token))
+        list_column.altair_chart(attention_bars(weights[lo - first:hi - first + 1],
+                                                labels[lo:hi + 1], lo, title, token))
     # The reading view: the window's text (at most READING_MAX tokens around the token).
     if hi - lo + 1 > READING_MAX:
         lo = max(lo, min(token - READING_MAX // 2, hi - READING_MAX + 1))
         hi = lo + READING_MAX - 1
     pieces = text_pieces(record.text, record.meta["offsets"], labels)
-    st.markdown(f"**{shared.plain(title)}**, shaded on tokens {lo}–{hi}"
-                + (" (first token left out, renormalised)" if no_sink and direction == "row"
-                   else " (first token left out)" if no_sink else "") + ":")
-    st.html(reading_view(pieces[lo:hi + 1], weights[lo - first:hi - first + 1], lo, token))
+    sink_note = (" (first token left out, renormalised)" if no_sink and direction == "row"
+                 else " (first token left out)" if no_sink else "")
+    text_column.markdown(f"**{shared.plain(title)}**, shaded on tokens {lo}–{hi}{sink_note}:")
+    text_column.html(reading_view(pieces[lo:hi + 1], weights[lo - first:hi - first + 1], lo,
+                                  token))
     strongest = [(p + first, w) for p, w in top_positions(weights, STRONGEST)]
-    st.dataframe({"position": [p for p, _ in strongest],
-                  "token": [labels[p] for p, _ in strongest],
-                  "weight": [round(w, 4) for _, w in strongest]},
-                 hide_index=True, height="content")
+    list_column.markdown(f"**Strongest {len(strongest)}**")
+    list_column.dataframe({"position": [p for p, _ in strongest],
+                           "token": [labels[p] for p, _ in strongest],
+                           "weight": [round(w, 4) for _, w in strongest]},
+                          hide_index=True, height="content")
     return token
 
 
@@ -189,14 +193,12 @@ def explore(record) -> None:
     st.space("small")  # keeps the chart's toolbar clear of the window sliders' thumbs
     head = None if head_choice == MEAN else int(head_choice)
     title = f"Layer {layer}, {'mean of heads' if head is None else f'head {head}'}"
-    left, right = st.columns([3, 2])
-    with left:
-        chart, matrix, row_labels, column_labels = _heatmap(aid, labels, layer, head, title,
-                                                            scale, no_sink, queries, keys)
-    with right:
-        token = _token_view(record, layer, head, no_sink, queries, keys, labels)
-        (q0, q1), (k0, k1) = queries, keys
-        if q1 - q0 + 1 <= DETAIL_MAX and k1 - k0 + 1 <= DETAIL_MAX and not no_sink:
+    chart, matrix, row_labels, column_labels = _heatmap(aid, labels, layer, head, title, scale,
+                                                        no_sink, queries, keys)
+    token = _token_view(record, layer, head, no_sink, queries, keys, labels)
+    (q0, q1), (k0, k1) = queries, keys
+    if q1 - q0 + 1 <= DETAIL_MAX and k1 - k0 + 1 <= DETAIL_MAX and not no_sink:
+        with st.expander("Lines (bertviz-style)", expanded=token is not None):
             lines = shared.service().attention_matrix(aid, layer, head, slice(q0, q1 + 1),
                                                       slice(k0, k1 + 1))
             st.altair_chart(attention_lines(lines, labels[q0:q1 + 1], labels[k0:k1 + 1], q0,

@@ -6,7 +6,7 @@ from pages import shared
 from viz.head_grid import head_grid, selected_head
 
 THUMBNAIL_BINS = 32  # stored overviews pooled to 32 x 32 per head
-GRID_WIDTH = 900  # pixels of the main column at 1,280 px wide: the grid fills it
+GRID_WIDTH = 760  # pixels of the main column at 1,280 px wide: the grid fills it
 
 
 def _open_head() -> None:

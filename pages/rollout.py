@@ -74,7 +74,8 @@ def rollout_view(record) -> None:
     meta, aid, labels = record.meta, record.id, record.meta["tokens"]
     n = len(labels)
     default_target = n - 1 if meta["causal"] else 0
-    c1, c2, c3, c4 = st.columns([3, 2, 3, 2])
+    c1, c2 = st.columns([3, 2])
+    c3, c4 = st.columns([3, 2])
     target = c1.selectbox("Target token", range(n), index=default_target, key="target",
                           bind="query-params", format_func=lambda i: f"{i} {labels[i]}",
                           help="Whose sources to trace: CLS for encoders, the last token for "

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from viz.heatmap import PLOT_SIZE
 from viz.selection import clicked_cell
 
 HEAD_SELECTION = "head"
@@ -59,7 +60,8 @@ def head_grid(thumbnails: np.ndarray, scores: np.ndarray | None = None,
     # Drawn at `cell` pixels per head (render with width="content"): the image fills the cell.
     images = alt.Chart(frame).mark_image(width=cell - 6, height=cell - 6, smooth=False).encode(
         x=x, y=y, url="img:N", tooltip=tooltip)
-    return (frame_mark + images).properties(width=cell * n_heads, height=cell * n_layers)
+    return (frame_mark + images).properties(width=cell * n_heads, height=cell * n_layers,
+                                            autosize=PLOT_SIZE)
 
 
 def selected_head(event) -> tuple[int, int] | None:

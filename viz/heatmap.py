@@ -15,7 +15,10 @@ from viz.selection import clicked_points
 QUERY_SELECTION = "cell"
 BRUSH = "brush"
 SCALES = ("linear", "log", "rank")
+# Width and height are the plot's own (axes and legend come on top), so cells keep their size.
+PLOT_SIZE = alt.AutoSizeParams(type="pad", contains="padding")
 CELL_PX = 11  # smallest row height at which every token label fits (none are thinned)
+MAX_WIDTH = 560  # plot width that fits the main column at 1,280 px wide
 
 
 def _colour(values: np.ndarray, scale: str, title: str) -> tuple[str, alt.Color]:
@@ -45,16 +48,18 @@ def axis_labels(labels: list[str], offset: int) -> list[str]:
 
 
 def detail_size(n_query: int, n_key: int, size: int = 520) -> tuple[int, int]:
-    """(width, height) in pixels: at least CELL_PX per token so every label is drawn, in the
-    browser as in the exported PNG."""
-    return max(size, CELL_PX * n_key), max(size, CELL_PX * n_query)
+    """(width, height) in pixels: at least CELL_PX per query so every row label is drawn; keys
+    get CELL_PX each up to MAX_WIDTH. Drawn at this size (width="content"), the browser lays out
+    labels exactly as the exported PNG does."""
+    return max(size, min(CELL_PX * n_key, MAX_WIDTH)), max(size, CELL_PX * n_query)
 
 
 def attention_heatmap(matrix: np.ndarray, query_labels: list[str], key_labels: list[str],
                       query_offset: int = 0, key_offset: int = 0, title: str = "",
                       size: int = 520, scale: str = "linear") -> alt.Chart:
     """Full-detail heatmap of a (query, key) window. Clicking a cell selects its query token.
-    Every label is drawn (no thinning): the chart grows with the window instead."""
+    Every row label is drawn (the chart grows with the window instead), and every column label
+    up to MAX_WIDTH / CELL_PX keys."""
     n_q, n_k = matrix.shape
     q_axis, k_axis = axis_labels(query_labels, query_offset), axis_labels(key_labels, key_offset)
     qi, ki = np.meshgrid(np.arange(n_q), np.arange(n_k), indexing="ij")
@@ -68,16 +73,22 @@ def attention_heatmap(matrix: np.ndarray, query_labels: list[str], key_labels: l
     field, colour = _colour(matrix, scale, "attention")
     pick = alt.selection_point(name=QUERY_SELECTION, fields=["query", "key"], on="click")
     width, height = detail_size(n_q, n_k, size)
+    per_key = width / n_k
+    # Crowded keys: upright labels in a font that fits the column; beyond about 80 keys every
+    # other label is left out ("parity"), in the browser and the PNG alike.
+    key_axis = (alt.Axis(labelAngle=-60, labelLimit=90, labelOverlap="parity")
+                if per_key >= CELL_PX else
+                alt.Axis(labelAngle=-90, labelLimit=90, labelOverlap="parity",
+                         labelFontSize=max(7, min(10, int(per_key) - 1))))
     return alt.Chart(frame, title=title).mark_rect().encode(
-        x=alt.X("k:N", sort=k_axis, title="key (attended to)",
-                axis=alt.Axis(labelAngle=-60, labelLimit=90, labelOverlap=False)),
+        x=alt.X("k:N", sort=k_axis, title="key (attended to)", axis=key_axis),
         y=alt.Y("q:N", sort=q_axis, title="query (attending)",
                 axis=alt.Axis(labelLimit=90, labelOverlap=False)),
         color=colour,
         opacity=alt.condition(pick, alt.value(1.0), alt.value(0.55)),
         tooltip=[alt.Tooltip("q:N", title="query"), alt.Tooltip("k:N", title="key"),
                  alt.Tooltip("weight:Q", format=".4f")],
-    ).add_params(pick).properties(width=width, height=height)
+    ).add_params(pick).properties(width=width, height=height, autosize=PLOT_SIZE)
 
 
 def binned_heatmap(values: np.ndarray, query_edges: np.ndarray, key_edges: np.ndarray,
@@ -113,7 +124,8 @@ def binned_heatmap(values: np.ndarray, query_edges: np.ndarray, key_edges: np.nd
         tooltip=[alt.Tooltip("queries:N"), alt.Tooltip("keys:N"),
                  alt.Tooltip("weight:Q", title="mean attention", format=".5f")],
     ).add_params(pick, *([alt.selection_interval(name=BRUSH, encodings=["x", "y"])]
-                         if drag else [])).properties(width=size, height=size)
+                         if drag else [])).properties(width=size, height=size,
+                                                      autosize=PLOT_SIZE)
 
 
 def block_labels(edges: np.ndarray) -> list[str]:
