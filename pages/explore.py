@@ -27,6 +27,12 @@ def _around(centre: int, n: int) -> tuple[int, int]:
     return lo, min(lo + DETAIL_MAX, n) - 1
 
 
+def _token_range(lo: float, hi: float, n: int) -> tuple[int, int]:
+    """The tokens a dragged range [lo, hi) of positions covers, inside [0, n)."""
+    first = max(0, int(lo))
+    return first, min(n - 1, max(first, round(hi) - 1))
+
+
 def _set_windows(queries: tuple[int, int], keys: tuple[int, int]) -> None:
     st.session_state["window"] = queries
     st.session_state["keys"] = keys
@@ -46,8 +52,7 @@ def _zoom() -> None:
     dragged = brushed_range(event)
     if dragged:
         (q_lo, q_hi), (k_lo, k_hi) = dragged["q0"], dragged["k0"]
-        clip = lambda lo, hi: (max(0, int(lo)), min(n - 1, max(int(lo), int(hi + 0.5) - 1)))
-        _set_windows(clip(q_lo, q_hi), clip(k_lo, k_hi))
+        _set_windows(_token_range(q_lo, q_hi, n), _token_range(k_lo, k_hi, n))
         return
     fields = {f: selected_values(event, f) for f in ("q0", "q1", "k0", "k1")}
     if all(fields.values()):

@@ -21,18 +21,18 @@ CELL_PX = 11  # smallest row height at which every token label fits (none are th
 MAX_WIDTH = 560  # plot width that fits the main column at 1,280 px wide
 
 
-def _colour(values: np.ndarray, scale: str, title: str) -> tuple[str, alt.Color]:
-    """The field to colour by and its encoding. Most weights are tiny next to a sink token, so
+def _colour(values: np.ndarray, scale: str, title: str) -> alt.Color:
+    """The colour encoding. Most weights are tiny next to a sink token, so
     every scale's domain follows the data: linear up to the largest weight; log (symmetric, so
     zeros stay white) resolves three decades below it; rank colours by the share of shown cells
     with a smaller weight, which shows the order of weights whatever their spread."""
     top = max(float(np.nanmax(values)) if values.size else 1.0, 1e-6)
     if scale == "rank":
-        return "rank", alt.Color("rank:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]),
+        return alt.Color("rank:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]),
                                  title="rank (share below)")
     kind = alt.Scale(scheme="blues", domain=[0, top], type="symlog", constant=top / 1000) \
         if scale == "log" else alt.Scale(scheme="blues", domain=[0, top])
-    return "weight", alt.Color("weight:Q", scale=kind, title=title)
+    return alt.Color("weight:Q", scale=kind, title=title)
 
 
 def ranks(values: np.ndarray) -> np.ndarray:
@@ -70,7 +70,7 @@ def attention_heatmap(matrix: np.ndarray, query_labels: list[str], key_labels: l
     })
     if scale == "rank":
         frame["rank"] = np.round(ranks(matrix).ravel(), 3)
-    field, colour = _colour(matrix, scale, "attention")
+    colour = _colour(matrix, scale, "attention")
     pick = alt.selection_point(name=QUERY_SELECTION, fields=["query", "key"], on="click")
     width, height = detail_size(n_q, n_k, size)
     per_key = width / n_k
@@ -109,7 +109,7 @@ def binned_heatmap(values: np.ndarray, query_edges: np.ndarray, key_edges: np.nd
     })
     if scale == "rank":
         frame["rank"] = np.round(ranks(values).ravel(), 3)
-    field, colour = _colour(np.asarray(values), scale, "mean attention")
+    colour = _colour(np.asarray(values), scale, "mean attention")
     pick = alt.selection_point(name=QUERY_SELECTION, fields=["q0", "q1", "k0", "k1"],
                                on="click")
     q_domain = [int(query_edges[-1]), int(query_edges[0])]

@@ -216,3 +216,43 @@ def test_rollout_follows_a_target_beyond_the_full_matrix_limit(service, medium, 
     assert any("offered up to" in i.value for i in at.info)
     assert any(f"Rollout (after layer {service.analysis(medium).meta['n_layers']})" in m.value
                for m in at.markdown)
+
+
+def long_text(tokens: int) -> str:
+    """Varied prose of at least `tokens` SmolLM2 tokens (about 11 per sentence)."""
+    subjects = ["The river", "A farmer", "The council", "Her brother", "The old mill"]
+    verbs = ["carried", "sold", "mended", "painted", "counted"]
+    objects = ["the grain", "a boat", "the bridge", "three fences", "the bells"]
+    return " ".join(f"{subjects[i % 5]} {verbs[(i // 5) % 5]} {objects[(i // 25) % 5]} in "
+                    f"year {1000 + i}." for i in range(tokens // 9))
+
+
+def test_a_new_user_explores_a_6000_token_text(service):
+    """The journey of issue 11 on the CPU with the default model: overview, zoom, reading
+    view, head grid, rollout of the last token."""
+    text = long_text(6000)
+    aid = service.run(AnalysisRequest.make("attention", "smollm2", text), timeout=1800)
+    meta = service.analysis(aid).meta
+    n = len(meta["tokens"])
+    assert n >= 6000
+    at = app("pages/explore.py", a=aid)
+    assert not at.exception and not at.error
+    overview = frame(chart_by_key(at, "heatmap_overview"))
+    assert overview["q1"].max() == n and len(overview) <= 64 * 64
+    # Zoom (as a block click sets it), then a token of the zoomed window: its reading view.
+    last = n - 1
+    at = app("pages/explore.py", a=aid, window=[str(n - 96), str(last)], split="true",
+             keys=["0", "95"], token=f"{last} {meta['tokens'][last]}")
+    assert not at.exception
+    detail = frame(chart_by_key(at, "heatmap_detail"))
+    assert set(detail["key"]) == set(range(96)) and detail["query"].min() == n - 96
+    html = " ".join(str(h.proto.body) for h in at.get("html"))
+    assert "year 1000." in reading_text(html)  # keys 0-95: the start of the text, shaded
+    assert len(html) < 1_000_000
+    at = app("pages/head_grid.py", a=aid)
+    assert not at.exception and charts(at)
+    at = app("pages/rollout.py", a=aid)
+    assert not at.exception and not at.error
+    assert at.selectbox(key="target").value == last
+    shown = reading_text(" ".join(str(h.proto.body) for h in at.get("html")))
+    assert f"year {1000 + 6000 // 9 - 1}." in shown
