@@ -4,7 +4,7 @@ A computation takes (job context, request, analysis id) and returns the Analysis
 named arrays to store.
 """
 
-from backend.analyses import attention, heads, rollout, thought_anchors
+from backend.analyses import attention, heads, long_context, rollout, thought_anchors
 from backend.analyses.request import (CODE_VERSION, MAX_TEXT_CHARS, AnalysisRequest,
                                       analysis_id)
 from backend.errors import InputError
@@ -15,6 +15,7 @@ ANALYSES = {
     "gradient_rollout": rollout.compute_gradient_rollout,
     "head_importance": heads.compute_head_importance,
     "head_roles": heads.compute_head_roles,
+    "long_context_heads": long_context.compute_long_context_heads,
     "pruning_curve": heads.compute_pruning_curve,
     "ta_trace": thought_anchors.compute_trace,
     "ta_generate": thought_anchors.compute_generation,

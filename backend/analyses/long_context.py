@@ -1,0 +1,161 @@
+"""Long-context head roles of one model, as the analysis kind "long_context_heads"
+(science: backend.methods.heads.long_context; inputs and passes: backend.methods.heads.haystack).
+
+The request's text is the needle sentence; params: question, answer_start (given to the model
+after "Answer:"; "" = Wu et al.'s setting, the whole needle to copy), lengths (input tokens) and
+depths (0..1) of the haystack trials, max_new_tokens, bins, passkey_length, sink, recent, seed.
+Defaults scale the papers' settings (Wu et al.: 1,000 to 50,000 tokens in 20 steps x depths
+0..100 % in 10 steps, 50 new tokens; DuoAttention: 64 sink + 256 recent tokens) to a CPU.
+
+Arrays, (layer, head) unless said: "retrieval" (NaN when no trial retrieved the needle),
+"retrieval_trials" (trial, layer, head), "recall" (trial,), "top_keys" (trial, step, layer, head)
+(-1 past a trial's last step), "generated" (trial, step) (-1 likewise), "attention_bins"
+(trial, layer, head, bin) mean weight per token of each bin during the copy, "bin_edges"
+(trial, bin + 1), "span_attention" (trial, layer, head, span token), "streaming_error",
+"streaming", "sink_alpha". meta["trials"]: per trial its length, depth, tokens, needle and span,
+answer, recall, accepted, and the token labels around the needle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from backend.analyses.request import AnalysisRequest
+from backend.errors import InputError
+from backend.methods.heads import haystack
+from backend.methods.heads.long_context import (RECALL_THRESHOLD, RECENT_TOKENS, SINK_TOKENS,
+                                                retrieval_scores, rouge1_recall, sink_shares,
+                                                streaming_scores, trial_retrieval_scores)
+from backend.methods.tokens import model_context, readable_label
+from backend.store import AnalysisRecord
+
+KIND = "long_context_heads"
+NEEDLE = ("The secret ingredient of the lighthouse soup is smoked paprika and a spoon of "
+          "wild honey.")
+DEFAULTS = {"question": "What is the secret ingredient of the lighthouse soup?",
+            "answer_start": "The secret ingredient of the lighthouse soup is",
+            "lengths": (1000, 2000), "depths": (0.1, 0.5, 0.9), "max_new_tokens": 32,
+            "bins": 128, "passkey_length": 1000, "sink": SINK_TOKENS, "recent": RECENT_TOKENS,
+            "seed": 0}
+SCORES = ("retrieval", "streaming", "sink_alpha")
+EXCERPT = 48  # tokens kept on each side of the needle for the per-trial view
+PASSKEY = "The passkey is {key}. Remember it. {key} is the passkey."
+
+
+def probe_request(model: str, needle: str = NEEDLE, **params) -> AnalysisRequest:
+    """The request with every parameter set (defaults for those left out), so equal probes
+    share one cache entry."""
+    unknown = set(params) - set(DEFAULTS)
+    if unknown:
+        raise InputError(f"Unknown probe settings: {', '.join(sorted(unknown))}.")
+    merged = {**DEFAULTS, **params}
+    merged["lengths"] = [int(x) for x in merged["lengths"]]
+    merged["depths"] = [float(x) for x in merged["depths"]]
+    return AnalysisRequest.make(KIND, model, needle, **merged)
+
+
+def _settings(request: AnalysisRequest, max_tokens: int) -> dict:
+    p = {**DEFAULTS, **dict(request.params)}
+    if not p["lengths"] or not p["depths"]:
+        raise InputError("The probe needs at least one haystack length and one needle depth.")
+    longest = max(max(p["lengths"]), p["passkey_length"])
+    if longest > max_tokens:
+        raise InputError(f"A {longest:,}-token input is longer than this server analyses "
+                         f"or this model reads ({max_tokens:,} tokens: ATLAS_MAX_TOKENS or "
+                         "the model's context).")
+    if min(p["lengths"]) < 2 * p["bins"]:
+        raise InputError(f"Haystacks must be at least {2 * p['bins']} tokens long (twice the "
+                         "bins of the attention shown per trial).")
+    if min(p["sink"], p["recent"]) < 1 or not 1 <= p["max_new_tokens"] <= 200:
+        raise InputError("sink and recent must be at least 1 token, max_new_tokens 1 to 200.")
+    return p
+
+
+def _labels(tokenizer, ids: list[int]) -> list[str]:
+    return [readable_label(tokenizer.decode([t])) for t in ids]
+
+
+def _passkey_trial(tokenizer, p: dict) -> tuple[list[int], int]:
+    """The passkey input with its answer appended, and where the question starts."""
+    key = str(np.random.default_rng(p["seed"]).integers(10_000, 100_000))
+    trial = haystack.build_trial(tokenizer, p["passkey_length"], 0.5, PASSKEY.format(key=key),
+                                 "What is the passkey?", "The passkey is", p["seed"] + 1)
+    answer = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
+    return trial.ids + answer, trial.question
+
+
+def _padded(rows: list[np.ndarray], fill) -> np.ndarray:
+    """Stack arrays whose first axis differs, padding with `fill`."""
+    steps = max(len(r) for r in rows)
+    out = np.full((len(rows), steps, *rows[0].shape[1:]), fill, dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def compute_long_context_heads(ctx, request: AnalysisRequest, aid: str):
+    """Every trial's greedy copy, then the passkey pass for streaming and sink scores."""
+    lm = ctx.model(request.model)
+    if not lm.causal:
+        raise InputError("Long-context head roles need a causal language model: the probe "
+                         "generates the needle's answer.")
+    context = model_context(lm.model.config) or ctx.settings.max_tokens
+    p = _settings(request, min(ctx.settings.max_tokens, context))
+    tok, needle = lm.tokenizer, request.text.strip()
+    trials = [(n, d) for n in p["lengths"] for d in p["depths"]]
+    copies, metas, scores = [], [], []
+    for i, (length, depth) in enumerate(trials):
+        stage = f"Trial {i + 1}/{len(trials)}: {length:,} tokens, needle at {depth:.0%}"
+        ctx.progress(0.3 + 0.55 * i / len(trials), stage)
+        trial = haystack.build_trial(tok, length, depth, needle, p["question"],
+                                     p["answer_start"], p["seed"])
+        copy = haystack.greedy_copy(lm.model, tok, trial, p["max_new_tokens"], p["bins"],
+                                    ctx.span(0.3 + 0.55 * i / len(trials),
+                                             0.3 + 0.55 * (i + 1) / len(trials)))
+        answer = tok.decode(copy.generated.tolist(), skip_special_tokens=True)
+        given = p["answer_start"].strip()
+        recall = rouge1_recall(needle, f"{given} {answer}" if given else answer)
+        scores.append(trial_retrieval_scores(copy.top_keys, copy.generated,
+                                             np.asarray(trial.ids), trial.span))
+        lo, hi = max(0, trial.needle[0] - EXCERPT), min(len(trial.ids), trial.needle[1] + EXCERPT)
+        metas.append({"length": length, "depth": depth, "n_tokens": len(trial.ids),
+                      "needle": list(trial.needle), "span": list(trial.span),
+                      "question_at": trial.question, "answer": answer, "recall": recall,
+                      "accepted": recall > RECALL_THRESHOLD, "excerpt_start": lo,
+                      "excerpt": _labels(tok, trial.ids[lo:hi]),
+                      "generated": _labels(tok, copy.generated.tolist())})
+        copies.append(copy)
+    ctx.progress(0.86, f"Streaming proxy and sinks on a {p['passkey_length']:,}-token passkey")
+    ids, question_at = _passkey_trial(tok, p)
+    errors = haystack.streaming_pass(lm.model, ids, question_at, p["sink"], p["recent"])
+    ctx.progress(0.93, "Attention to the first token (sink alpha)")
+    alpha = haystack.first_key_masses(lm.model, ids)
+    trial_scores = np.stack(scores)
+    recalls = np.array([m["recall"] for m in metas])
+    arrays = {
+        "retrieval": retrieval_scores(trial_scores, recalls),
+        "retrieval_trials": trial_scores, "recall": recalls,
+        "top_keys": _padded([c.top_keys.astype(np.int32) for c in copies], -1),
+        "generated": _padded([c.generated.astype(np.int64) for c in copies], -1),
+        "attention_bins": np.stack([c.bins for c in copies]),
+        "bin_edges": np.stack([c.edges.astype(np.int64) for c in copies]),
+        "span_attention": np.stack([c.span for c in copies]),
+        "streaming_error": errors.astype(np.float64),
+        "streaming": streaming_scores(errors), "sink_alpha": alpha.astype(np.float64),
+    }
+    meta = {"n_layers": lm.n_layers, "n_heads": lm.n_heads, "model_label": lm.source.label,
+            "trials": metas, "settings": p, "passkey_tokens": len(ids),
+            "passkey_queries": len(ids) - question_at}
+    return AnalysisRecord(aid, request.kind, request.model, lm.fingerprint, request.text,
+                          dict(request.params), meta), arrays
+
+
+def role_shares(arrays: dict[str, np.ndarray], retrieval_above: float, streaming_above: float,
+                epsilon: float) -> dict[str, float]:
+    """Share of heads in each role: retrieval score above `retrieval_above`, streaming score
+    above `streaming_above`, sink alpha above epsilon."""
+    _, sinks = sink_shares(arrays["sink_alpha"], epsilon)
+    retrieval = np.nan_to_num(arrays["retrieval"], nan=0.0)
+    return {"retrieval": float((retrieval > retrieval_above).mean()),
+            "streaming": float((arrays["streaming"] > streaming_above).mean()),
+            "sink": sinks}
