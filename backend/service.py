@@ -27,8 +27,10 @@ from backend.analyses.thought_anchors import (PUBLISHED_FILES, as_published_trac
 from backend.comparison import Comparisons
 from backend.config import Settings
 from backend.errors import InputError
+from backend.examples import PUBLISHED_EXAMPLE
 from backend.methods.binning import BinnedMatrix, bin_matrix
 from backend.methods.rollout import attention_rollout, exclude_first_token
+from backend.methods.thought_anchors.answers import answers_match, extract_boxed_answer
 from backend.methods.thought_anchors.graph import incoming, top_links
 from backend.methods.thought_anchors.published import (read_published_trace,
                                                        write_published_trace)
@@ -240,3 +242,34 @@ class AtlasService(Comparisons):
         meta = self.analysis(aid).meta
         return np.stack([bin_matrix(self.attention_layer(aid, layer), size).values
                          for layer in range(meta["n_layers"])])
+
+    # --- Thought Anchors page helpers (H12b)
+    def published_example(self) -> str:
+        """The id of the published trace the Thought Anchors page opens on (shipped with the
+        app, see backend/data/thought_anchors), imported into the cache the first time."""
+        known = getattr(self, "_published_example", None)
+        if known and self.store.has(known):  # reading the files again on every rerun is slow
+            return known
+        folder, label = PUBLISHED_EXAMPLE
+        self._published_example = self.import_published_trace(
+            {p.name: p.read_bytes() for p in sorted(folder.glob("*.json"))}, label)
+        return self._published_example
+
+    def trace_answers(self, trace_id: str) -> dict:
+        """What a trace answers and what it should answer, kept apart: {"trace": the trace's
+        own \\boxed{} answer or None, "reference": the reference answer or None, "matches": their
+        equality (None unless both are known), "degenerate": True when the model writing it
+        stopped on repetition}."""
+        record = self.analysis(trace_id)
+        meta, params = record.meta, dict(record.params)
+        trace = meta.get("trace_answer") or (extract_boxed_answer(record.text) if
+                                             record.kind == "ta_trace" else meta.get("answer"))
+        reference = meta.get("reference_answer", params.get("answer") or None)
+        degenerate = False
+        if record.kind == "ta_trace" and params.get("problem"):
+            generated = self.cached(AnalysisRequest.make("ta_generate", record.model,
+                                                         params["problem"]))
+            written = self.analysis(generated).meta if generated else {}
+            degenerate = bool(written.get("degenerate")) and written.get("solution") == record.text
+        return {"trace": trace, "reference": reference, "degenerate": degenerate,
+                "matches": answers_match(trace, reference) if trace and reference else None}

@@ -9,12 +9,15 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from viz.math_text import math_markdown
 from viz.token_text import shade
 
 
 def sentence_list(chunks: list[str], scores: np.ndarray | None, tags: list[str],
                   colors: dict[str, str], selected: int | None = None) -> str:
-    """HTML (escaped): one row per sentence with its index, tag colour and score shading."""
+    """Markdown (for st.markdown with unsafe_allow_html: the only HTML is ours, user text is
+    inert, its LaTeX renders as math): one line per sentence with its index, tag colour and
+    score shading."""
     values = np.zeros(len(chunks)) if scores is None else np.nan_to_num(np.asarray(scores, float))
     top = max(float(np.abs(values).max(initial=0.0)), 1e-12)
     rows = []
@@ -22,14 +25,15 @@ def sentence_list(chunks: list[str], scores: np.ndarray | None, tags: list[str],
         outline = "outline: 2px solid #d62728;" if i == selected else ""
         score = "" if scores is None else f"{values[i]:+.3f}"
         rows.append(
-            f'<div style="display:flex; gap:8px; align-items:baseline; margin:2px 0; {outline}">'
-            f'<span style="min-width:2.2em; color:#666">{i}</span>'
-            f'<span title="{html.escape(tag)}" style="min-width:10px; height:10px; '
-            f'background:{colors.get(tag, "#9E9E9E")}; border-radius:50%; display:inline-block">'
-            f'</span><span style="min-width:4.5em; font-family:monospace; color:#444">{score}'
-            f'</span><span style="{shade(values[i], top)} padding:1px 4px; border-radius:3px">'
-            f"{html.escape(chunk)}</span></div>")
-    return f'<div style="font-size:14px; line-height:1.5">{"".join(rows)}</div>'
+            f'<span style="display:inline-block; width:2.4em; color:#666; vertical-align:top">'
+            f'{i}</span><span title="{html.escape(tag)}" style="display:inline-block; '
+            f'width:10px; height:10px; margin-right:6px; background:{colors.get(tag, "#9E9E9E")};'
+            f' border-radius:50%"></span><span style="display:inline-block; width:4.5em; '
+            f'font-family:monospace; color:#444; vertical-align:top">{score}</span>'
+            f'<span style="display:inline-block; max-width:calc(100% - 8em); {shade(values[i], top)}'
+            f' padding:1px 4px; border-radius:3px; {outline}">{math_markdown(chunk)}</span>')
+    return '<div style="font-size:14px; line-height:1.5">\n\n' + "<br>\n".join(rows) + \
+        "\n\n</div>"
 
 
 def sentence_matrix(matrix: np.ndarray, title: str, size: int = 460) -> alt.Chart:
