@@ -217,8 +217,8 @@ def step_requests(lesson: Lesson, step: Step, service) -> Iterator[AnalysisReque
         prune = params.get("hi_prune") if params.get("hi_prune") in METHODS else METHODS[0]
         yield AnalysisRequest.make("pruning_curve", main.model, main.text, method=prune,
                                    recompute=params.get("hi_recompute") == "true")
-    elif step.page == "thought_anchors" and params.get("ta_source", WORKED_EXAMPLE) == \
-            WORKED_EXAMPLE:
+    elif step.page == "thought_anchors" and params.get("ta_source") == WORKED_EXAMPLE:
+        # (The page's default, the shipped published trace, needs no job.)
         yield from _worked_example_requests(main.model, params, service)
 
 
