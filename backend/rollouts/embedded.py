@@ -8,8 +8,11 @@ next one), so rows never idle while work is left. Each decoding step is one forw
 (rows, 1) tokens with per-row positions and a (row, 1, 1, key) mask over the first L cache
 positions, L rounded up to a bucket; on CUDA each bucket's step is captured once as a CUDA graph
 and replayed (no Python or kernel-launch overhead per layer). Attention runs on sdpa, never eager
-(the model's implementation is switched for the run and restored). The CPU runs the same code
-without graphs.
+(the model's implementation is switched for the run and restored). For the one-token decoding
+steps on CUDA, each bucket is captured twice, with sdpa and with `grouped_decode_attention`
+(two batched matrix products over the key/value heads: sdpa's masked kernels read a row's whole
+cache in one block, which leaves most of the GPU's memory bandwidth unused at this shape), and
+the faster graph is kept. The CPU runs the same code without graphs.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from backend.rollouts.base import (Continuation, EngineError, Progress, Prompt, RolloutMeter,
                                    RolloutsCancelled, SamplingParams, degenerate)
@@ -33,6 +38,30 @@ MAX_ROWS_CUDA = 256
 MAX_ROWS_CPU = 16
 CACHE_MEMORY_FRACTION = 0.6  # of the free GPU memory, for the static cache
 CHECK_EVERY = 8  # tokens between answer / repetition checks of a row
+
+
+ATTENTION = "atlas_rollouts"
+_decode = {"grouped": False}  # read while a step is traced or captured
+
+
+def grouped_decode_attention(module, query, key, value, attention_mask, scaling=None,
+                             dropout=0.0, **kwargs):
+    """Attention of one query token per row: query (row, head, 1, dim) as (row, kv_head, group,
+    dim) against key/value (row, kv_head, L, dim), the boolean mask (row, 1, 1, L); softmax in
+    float32. Anything else (prefill, `_decode["grouped"]` off) goes to sdpa."""
+    if query.shape[2] != 1 or not _decode["grouped"] or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    rows, heads, _, dim = query.shape
+    grouped = query.reshape(rows, key.shape[1], heads // key.shape[1], dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3)).float() * (scaling or dim ** -0.5)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
+    return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, grouped_decode_attention)
 
 
 def bucket(length: int, capacity: int) -> int:
@@ -103,10 +132,11 @@ def _masks(config, key_index: torch.Tensor, query_pos: torch.Tensor):
 
 @contextlib.contextmanager
 def sdpa_attention(model: nn.Module):
-    """Run with sdpa attention (models loaded for attention capture use eager); restore after."""
+    """Run with sdpa attention (models loaded for attention capture use eager), through
+    `grouped_decode_attention`; restore the model's own afterwards."""
     previous = model.config._attn_implementation
-    if previous not in ("sdpa", "flash_attention_2", "flash_attention_3"):
-        model.set_attn_implementation("sdpa")
+    if previous != ATTENTION:
+        model.set_attn_implementation(ATTENTION)
     try:
         yield
     finally:
@@ -141,6 +171,7 @@ class EmbeddedEngine:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self.graphs_used = False
+        self.decode_attention: dict[int, str] = {}  # bucket -> the attention its graph uses
 
     def close(self) -> None:
         self.cache, self._graphs, self._pool = SlotCache(), {}, None
@@ -191,6 +222,28 @@ class EmbeddedEngine:
         return logits
 
     def _capture(self):
+        """The faster of the sdpa and the grouped decoding graphs of this bucket."""
+        timed = []
+        for grouped in (False, True):
+            _decode["grouped"] = grouped
+            try:
+                graph, logits = self._capture_one()
+            finally:
+                _decode["grouped"] = False
+            graph.replay()
+            torch.cuda.synchronize(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            timed.append((start.elapsed_time(end), grouped, graph, logits))
+        seconds, grouped, graph, logits = min(timed, key=lambda t: t[0])
+        self.decode_attention[self.cache.length] = "grouped" if grouped else "sdpa"
+        return graph, logits
+
+    def _capture_one(self):
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up outside the graph (lazy inits, autotuning)
@@ -218,6 +271,7 @@ class EmbeddedEngine:
         return max(1, min(MAX_ROWS_CUDA, total, fit))
 
     def _prepare(self, rows: int, capacity: int, staged) -> None:
+        """Buffers of `rows` x `capacity`; those (and graphs) of an earlier run if they fit."""
         shape = self.cache.shape
         if shape is None or shape[0] != rows or shape[1] < capacity:
             self.close()
@@ -289,7 +343,7 @@ class EmbeddedEngine:
                 if p != open_prompt:
                     staged, first_logits = self._prefill(prompts[p].token_ids)
                     open_prompt = p
-                    if not self.cache.shape:
+                    if not slots:
                         rows = self._rows_for(meter.total, capacity, staged)
                         self._prepare(rows, capacity, staged)
                         slots.extend([None] * rows)
@@ -324,11 +378,6 @@ class EmbeddedEngine:
                 free.sort()
 
         done: list[Continuation] = []
-        if self.cache.shape and self.cache.shape[1] < capacity:
-            self.close()
-        if self.cache.shape:  # buffers (and graphs) kept from an earlier run: rows as they were
-            slots.extend([None] * self.cache.shape[0])
-            host_pos.extend([0] * self.cache.shape[0])
         refill(done)
         yield from done
         while any(row is not None for row in slots):
