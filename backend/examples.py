@@ -32,3 +32,5 @@ REASONING_EXAMPLE = {
     "problem": "A shop sells pencils at 3 for $1. How many dollars do 27 pencils cost?",
     "answer": "9",
 }
+# How the Thought Anchors page and its lessons sample rollouts (the paper's settings).
+REASONING_SAMPLING = {"temperature": 0.6, "top_p": 0.95}

@@ -273,3 +273,35 @@ class AtlasService(Comparisons):
             degenerate = bool(written.get("degenerate")) and written.get("solution") == record.text
         return {"trace": trace, "reference": reference, "degenerate": degenerate,
                 "matches": answers_match(trace, reference) if trace and reference else None}
+
+    def flagged_sentences(self, analysis_id: str, count: int) -> list[int]:
+        """The `count` sentences a white-box pass flags, in trace order: the highest receiver
+        scores (a ta_receivers analysis) or the strongest mean effect on later sentences when
+        suppressed (a ta_suppression analysis; its matrix is (source, target), row-centred)."""
+        if self.analysis(analysis_id).kind == "ta_receivers":
+            scores = self.array(analysis_id, "receiver_scores").astype(np.float64)
+        else:
+            effect = self.array(analysis_id, "suppression_normalized")
+            later = np.isfinite(effect).sum(axis=1)
+            scores = np.where(later > 0, np.nansum(effect, axis=1) / np.maximum(later, 1), np.nan)
+        ranked = [int(i) for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
+                  if np.isfinite(scores[i])]
+        return sorted(ranked[:count])
+
+    # provisional until the rollout engines' own versions land (same signatures)
+    def rollout_engines(self) -> list[dict]:
+        from backend.analyses.thought_anchors import RESAMPLING_ROLLOUTS, RESAMPLING_TOKENS
+
+        return [{"name": "embedded", "label": "This server's CPU", "kind": "embedded",
+                 "device": "cpu", "default_rollouts": RESAMPLING_ROLLOUTS,
+                 "default_max_new_tokens": RESAMPLING_TOKENS, "rollouts_per_s": None,
+                 "noisy": True}]
+
+    def resampling_estimate(self, trace_id: str, engine: str, rollouts: int,
+                            chunks: list[int] | None = None,
+                            max_new_tokens: int | None = None) -> dict:
+        n = len(self.analysis(trace_id).meta["chunks"])
+        picked = range(n) if chunks is None else {j for i in chunks for j in (i, i + 1) if j < n}
+        total = rollouts * len(picked)
+        return {"sentences": len(picked), "rollouts_total": total, "rollouts_saved": 0,
+                "rollouts_to_sample": total, "seconds": None}

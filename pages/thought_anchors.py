@@ -4,11 +4,11 @@ import numpy as np
 import streamlit as st
 
 from backend.analyses import AnalysisRequest
-from backend.analyses.thought_anchors import (METRICS, RESAMPLING_ROLLOUTS, RESAMPLING_TOKENS,
-                                              WORKED_EXAMPLE)
+from backend.analyses.thought_anchors import METRICS, WORKED_EXAMPLE
 from backend.examples import REASONING_EXAMPLE
 from backend.methods.thought_anchors.tags import TAG_COLORS
 from pages import shared
+from pages.thought_anchors_resampling import resampling_part
 from viz import export
 from viz.math_text import math_markdown
 from viz.thought_anchors import link_graph, sentence_list, sentence_matrix
@@ -151,19 +151,12 @@ def own_trace_parts(record) -> dict[str, str | None]:
     base = dict(record.params)
     parts = {"receivers": shared.derived(AnalysisRequest.make(
         "ta_receivers", record.model, record.text, **base), "Receiver heads")}
-    c1, c2, c3 = st.columns(3)
-    if c1.toggle("Attention suppression", key="ta_supp", bind="query-params",
+    if st.toggle("Attention suppression", key="ta_supp", bind="query-params",
                  help="One forward pass per sentence."):
         parts["suppression"] = shared.derived(AnalysisRequest.make(
             "ta_suppression", record.model, record.text, **base), "Attention suppression")
-    rollouts = c3.number_input("Rollouts per sentence", 1, 100, RESAMPLING_ROLLOUTS, key="ta_r",
-                               bind="query-params")
-    if c2.toggle("Resampling", key="ta_resample", bind="query-params",
-                 help="Regenerates from every sentence: the slow method, saved as it goes."):
-        parts["resampling"] = shared.derived(AnalysisRequest.make(
-            "ta_resampling", record.model, record.text, rollouts=int(rollouts),
-            max_new_tokens=RESAMPLING_TOKENS, **base),
-            f"Resampling ({rollouts} rollouts per sentence)")
+    with st.container(border=True):
+        parts["resampling"] = resampling_part(record, parts)
     return parts
 
 
@@ -283,5 +276,5 @@ if record:
         shared.share_link({TRACE_PARAM: trace_id, **{
             key: st.session_state.get(key) for key in (
                 "ta_metric", "ta_matrix", "ta_links", "ta_supp", "ta_resample", "ta_r",
-                "ta_head")},
+                "ta_head", "ta_engine", "ta_tokens", "ta_which", "ta_flagged")},
             "ta_s": None if sentence is None else f"{sentence}: {chunks[sentence][:60]}"})

@@ -157,3 +157,42 @@ def test_the_lesson_quotes_what_the_page_shows_of_the_trace(service):
     assert f"(kept): {kept:.2f}" in shown
     assert f"reach the right answer {resampled:.2f} of the time, rollouts that keep it " \
         f"{kept:.2f}" in " ".join(lesson.split())
+
+
+def _wait_for(at, ready, timeout: float = 600):
+    """Rerun the page (as its progress bar does) until `ready(at)` or the timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready(at):
+        assert time.monotonic() < deadline, "the page's job did not finish"
+        time.sleep(2)
+        at.run()
+    return at
+
+
+def test_resampling_by_engine_name_with_its_cost_on_chosen_sentences_then_more(service):
+    trace = own_trace(service, WRONG)
+    at = app(PAGE, t=trace)
+    engines = service.rollout_engines()
+    assert at.selectbox(key="ta_engine").options == [e["label"] for e in engines]
+    assert not any("url" in w.label.lower() for w in at.text_input)  # a name, never a URL
+    captions = " ".join(c.value for c in at.caption)
+    if engines[0]["noisy"]:
+        assert "noisy" in captions
+    assert all(f in captions for f in ("100 rollouts", "0.6", "0.95", "16,384"))
+    at.number_input(key="ta_r").set_value(1)
+    at.number_input(key="ta_tokens").set_value(16)
+    at.segmented_control(key="ta_which").set_value("Chosen").run()
+    at.multiselect(key="ta_chunks").set_value([0]).run()
+    cost = next(m.value for m in at.markdown if m.value.startswith("**Expected cost:**"))
+    # Sentence 0's importance compares it with sentence 1: both are resampled.
+    assert "1 rollouts × 2 sentences = 2 rollouts" in cost
+    at.toggle(key="ta_resample").set_value(True).run()
+    more = "Add 1 more rollouts per sentence"
+    _wait_for(at, lambda at: any(b.label == more for b in at.button))
+    assert "counterfactual_importance_kl" in at.selectbox(key="ta_metric").options
+    next(b for b in at.button if b.label == more).click().run()
+    assert at.number_input(key="ta_r").value == 2
+    cost = next(m.value for m in at.markdown if m.value.startswith("**Expected cost:**"))
+    assert "2 rollouts × 2 sentences = 4 rollouts (2 saved already, 2 to sample)" in cost
