@@ -11,7 +11,7 @@ from pages import shared
 from pages.thought_anchors_resampling import resampling_part
 from viz import export
 from viz.math_text import math_markdown
-from viz.thought_anchors import link_graph, sentence_list, sentence_matrix
+from viz.thought_anchors import link_graph, sentence_list, sentence_matrix, tag_legend
 
 TRACE_PARAM = "t"
 PENDING = "ta_pending"  # the trace being written or split for this session
@@ -225,7 +225,8 @@ if record:
                               bind="query-params")
             importance = np.abs(scores.get(metric, np.zeros(len(chunks))))
             st.altair_chart(link_graph(chunks, shared.service().top_links(matrix, top_n),
-                                       importance, meta["tags"], TAG_COLORS))
+                                       importance, meta["tags"], TAG_COLORS), width="content")
+            st.html(tag_legend(TAG_COLORS))
         heads = (shared.service().array(parts["receivers"], "receiver_heads")
                  if parts.get("receivers") else [])
         if len(heads):
