@@ -170,7 +170,7 @@ def compare_rollouts(model, prompt: list[int], eos: list[int], rollouts: int, ne
     rows = engine.cache.shape[0]
     _line("embedded engine", t_e, rollouts, tokens,
           f"({rows} rows, CUDA graphs: {engine.graphs_used}; first run with graph capture "
-          f"{t_cold:.2f} s)")
+          f"{t_cold:.2f} s; decode attention per bucket: {engine.decode_attention})")
     _line(f"generate(num_return_sequences={rollouts})", t_g, rollouts, tokens)
     _line(f"one by one (generate), {one_by_one} rollouts", t_n, one_by_one,
           one_by_one * new_tokens)

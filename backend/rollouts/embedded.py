@@ -175,6 +175,7 @@ class EmbeddedEngine:
 
     def close(self) -> None:
         self.cache, self._graphs, self._pool = SlotCache(), {}, None
+        self.decode_attention = {}
 
     # --- forward passes -----------------------------------------------------------------------
     @torch.inference_mode()
