@@ -27,8 +27,8 @@ def sentence_list(chunks: list[str], scores: np.ndarray | None, tags: list[str],
         rows.append(
             f'<span style="display:inline-block; width:2.4em; color:#666; vertical-align:top">'
             f'{i}</span><span title="{html.escape(tag)}" style="display:inline-block; '
-            f'vertical-align:top; margin-top:0.4em; width:10px; height:10px; margin-right:6px; background:{colors.get(tag, "#9E9E9E")};'
-            f' border-radius:50%"></span><span style="display:inline-block; width:4.5em; '
+            f'vertical-align:top; margin-top:0.4em; width:10px; height:10px; margin-right:6px; '
+            f'background:{colors.get(tag, "#9E9E9E")}; border-radius:50%"></span><span style="display:inline-block; width:4.5em; '
             f'font-family:monospace; color:#444; vertical-align:top">{score}</span>'
             # The text keeps its own column: wrapped lines stay right of the score.
             f'<span style="display:inline-block; width:calc(100% - 8em - 20px)"><span style="'
