@@ -14,6 +14,9 @@ ATLAS_DEVICE      "cpu", "cuda", "cuda:1"... (default: cuda when present, else c
 ATLAS_ALLOW_HUB   "0" refuses hub ids (default "1": load them when the hub or its cache has them)
 ATLAS_CONVERTED_DIR  where GGUF models converted to safetensors are kept (default: <cache>/models)
 ATLAS_LESSONS_DIR the folder of lesson files the Lessons page lists (default: ./lessons)
+ATLAS_ROLLOUT_ENDPOINTS  OpenAI-compatible completion servers users may resample on: a JSON list,
+                  or the path of a .json or .toml file holding one (see backend.rollouts.registry)
+ATLAS_ROLLOUT_MAX_TOKENS  cap of new tokens per rollout on a GPU or an endpoint (default: 16384)
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class Settings:
     allow_hub: bool = True
     converted_dir: Path | None = None
     lessons_dir: Path = REPO_ROOT / "lessons"
+    rollout_endpoints: str = ""
+    rollout_max_tokens: int = 16384
 
     @property
     def database_path(self) -> Path:
@@ -78,4 +83,6 @@ class Settings:
             if env.get("ATLAS_CONVERTED_DIR") else None,
             lessons_dir=Path(env.get("ATLAS_LESSONS_DIR", REPO_ROOT / "lessons")).expanduser()
             .resolve(),
+            rollout_endpoints=env.get("ATLAS_ROLLOUT_ENDPOINTS", ""),
+            rollout_max_tokens=int(env.get("ATLAS_ROLLOUT_MAX_TOKENS", "16384")),
         )

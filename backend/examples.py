@@ -1,5 +1,7 @@
 """Ready examples offered in the sidebar: (model reference, text) by name."""
 
+from pathlib import Path
+
 from backend.models import DEFAULT_CAUSAL
 
 EXAMPLES = {
@@ -20,7 +22,15 @@ COMPARISON_EXAMPLE = (EXAMPLES[DEFAULT_EXAMPLE][1],
                       EXAMPLES[DEFAULT_EXAMPLE][1].replace("too big", "too small"))
 
 # The worked Thought Anchors problem: the default model writes its own trace for it.
+# The published trace the Thought Anchors page opens on (folder, label): MIT-licensed data of the
+# paper's authors, shipped with its licence (see the folder's README).
+PUBLISHED_EXAMPLE = (Path(__file__).resolve().parent / "data" / "thought_anchors"
+                     / "deepseek-r1-distill-qwen-14b" / "problem_2238",
+                     "DeepSeek-R1-Distill-Qwen-14B")
+
 REASONING_EXAMPLE = {
     "problem": "A shop sells pencils at 3 for $1. How many dollars do 27 pencils cost?",
     "answer": "9",
 }
+# How the Thought Anchors page and its lessons sample rollouts (the paper's settings).
+REASONING_SAMPLING = {"temperature": 0.6, "top_p": 0.95}

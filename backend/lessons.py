@@ -36,10 +36,9 @@ import yaml
 from backend.analyses import AnalysisRequest
 from backend.analyses.heads import METHODS, ROLES
 from backend.analyses.rollout import AUTO_FLOW_TOKENS
-from backend.analyses.thought_anchors import (RESAMPLING_ROLLOUTS, RESAMPLING_TOKENS,
-                                              WORKED_EXAMPLE)
+from backend.analyses.thought_anchors import WORKED_EXAMPLE
 from backend.errors import InputError
-from backend.examples import REASONING_EXAMPLE
+from backend.examples import REASONING_EXAMPLE, REASONING_SAMPLING
 from backend.methods.rollout import HEAD_FUSIONS
 
 # Pages a step may show (the names of their files and links).
@@ -217,8 +216,8 @@ def step_requests(lesson: Lesson, step: Step, service) -> Iterator[AnalysisReque
         prune = params.get("hi_prune") if params.get("hi_prune") in METHODS else METHODS[0]
         yield AnalysisRequest.make("pruning_curve", main.model, main.text, method=prune,
                                    recompute=params.get("hi_recompute") == "true")
-    elif step.page == "thought_anchors" and params.get("ta_source", WORKED_EXAMPLE) == \
-            WORKED_EXAMPLE:
+    elif step.page == "thought_anchors" and params.get("ta_source") == WORKED_EXAMPLE:
+        # (The page's default, the shipped published trace, needs no job.)
         yield from _worked_example_requests(main.model, params, service)
 
 
@@ -235,9 +234,13 @@ def _worked_example_requests(model: str, params: dict[str, str],
     yield AnalysisRequest.make("ta_receivers", model, solution, **base)
     if params.get("ta_supp") == "true":
         yield AnalysisRequest.make("ta_suppression", model, solution, **base)
-    if params.get("ta_resample") == "true":
-        rollouts = params.get("ta_r", "")
-        yield AnalysisRequest.make("ta_resampling", model, solution,
-                                   rollouts=int(rollouts) if rollouts.isdecimal() else
-                                   RESAMPLING_ROLLOUTS, max_new_tokens=RESAMPLING_TOKENS,
-                                   **base)
+    if params.get("ta_resample") == "true" and params.get("ta_which", "Every sentence") == \
+            "Every sentence":
+        engines = {engine["name"]: engine for engine in service.rollout_engines()}
+        engine = engines.get(params.get("ta_engine"), next(iter(engines.values())))
+        rollouts, tokens = params.get("ta_r", ""), params.get("ta_tokens", "")
+        yield AnalysisRequest.make(
+            "ta_resampling", model, solution, engine=engine["name"],
+            rollouts=int(rollouts) if rollouts.isdecimal() else engine["default_rollouts"],
+            max_new_tokens=int(tokens) if tokens.isdecimal() else engine["default_max_new_tokens"],
+            **REASONING_SAMPLING, **base)

@@ -26,11 +26,13 @@ from backend.analyses.thought_anchors import (PUBLISHED_FILES, as_published_trac
 from backend.comparison import Comparisons
 from backend.config import Settings
 from backend.errors import InputError
+from backend.examples import PUBLISHED_EXAMPLE
 from backend.memory import BoundedCache
 from backend.methods.binning import BinnedMatrix, bin_edges, bin_matrix
 from backend.methods.exact import check_window
 from backend.methods.rollout import (HEAD_FUSIONS, attention_rollout, exclude_first_token,
                                      target_rollout_rows)
+from backend.methods.thought_anchors.answers import answers_match, extract_boxed_answer
 from backend.methods.thought_anchors.graph import incoming, top_links
 from backend.methods.thought_anchors.published import (read_published_trace,
                                                        write_published_trace)
@@ -316,3 +318,66 @@ class AtlasService(Comparisons):
         edges = bin_edges(maps.n_tokens, OVERVIEW_BINS)
         return np.stack([regroup(maps.overview(layer), edges, size)[0]
                          for layer in range(maps.n_layers)])
+
+    # --- Thought Anchors page helpers (H12b)
+    def published_example(self) -> str:
+        """The id of the published trace the Thought Anchors page opens on (shipped with the
+        app, see backend/data/thought_anchors), imported into the cache the first time."""
+        known = getattr(self, "_published_example", None)
+        if known and self.store.has(known):  # reading the files again on every rerun is slow
+            return known
+        folder, label = PUBLISHED_EXAMPLE
+        self._published_example = self.import_published_trace(
+            {p.name: p.read_bytes() for p in sorted(folder.glob("*.json"))}, label)
+        return self._published_example
+
+    def trace_answers(self, trace_id: str) -> dict:
+        """What a trace answers and what it should answer, kept apart: {"trace": the trace's
+        own \\boxed{} answer or None, "reference": the reference answer or None, "matches": their
+        equality (None unless both are known), "degenerate": True when the model writing it
+        stopped on repetition}."""
+        record = self.analysis(trace_id)
+        meta, params = record.meta, dict(record.params)
+        trace = meta.get("trace_answer") or (extract_boxed_answer(record.text) if
+                                             record.kind == "ta_trace" else meta.get("answer"))
+        reference = meta.get("reference_answer", params.get("answer") or None)
+        degenerate = False
+        if record.kind == "ta_trace" and params.get("problem"):
+            generated = self.cached(AnalysisRequest.make("ta_generate", record.model,
+                                                         params["problem"]))
+            written = self.analysis(generated).meta if generated else {}
+            degenerate = bool(written.get("degenerate")) and written.get("solution") == record.text
+        return {"trace": trace, "reference": reference, "degenerate": degenerate,
+                "matches": answers_match(trace, reference) if trace and reference else None}
+
+    def flagged_sentences(self, analysis_id: str, count: int) -> list[int]:
+        """The `count` sentences a white-box pass flags, in trace order: the highest receiver
+        scores (a ta_receivers analysis) or the strongest mean effect on later sentences when
+        suppressed (a ta_suppression analysis; its matrix is (source, target), row-centred)."""
+        if self.analysis(analysis_id).kind == "ta_receivers":
+            scores = self.array(analysis_id, "receiver_scores").astype(np.float64)
+        else:
+            effect = self.array(analysis_id, "suppression_normalized")
+            later = np.isfinite(effect).sum(axis=1)
+            scores = np.where(later > 0, np.nansum(effect, axis=1) / np.maximum(later, 1), np.nan)
+        ranked = [int(i) for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
+                  if np.isfinite(scores[i])]
+        return sorted(ranked[:count])
+
+    # provisional until the rollout engines' own versions land (same signatures)
+    def rollout_engines(self) -> list[dict]:
+        from backend.analyses.thought_anchors import RESAMPLING_ROLLOUTS, RESAMPLING_TOKENS
+
+        return [{"name": "embedded", "label": "This server's CPU", "kind": "embedded",
+                 "device": "cpu", "default_rollouts": RESAMPLING_ROLLOUTS,
+                 "default_max_new_tokens": RESAMPLING_TOKENS, "rollouts_per_s": None,
+                 "noisy": True}]
+
+    def resampling_estimate(self, trace_id: str, engine: str, rollouts: int,
+                            chunks: list[int] | None = None,
+                            max_new_tokens: int | None = None) -> dict:
+        n = len(self.analysis(trace_id).meta["chunks"])
+        picked = range(n) if chunks is None else {j for i in chunks for j in (i, i + 1) if j < n}
+        total = rollouts * len(picked)
+        return {"sentences": len(picked), "rollouts_total": total, "rollouts_saved": 0,
+                "rollouts_to_sample": total, "seconds": None}

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -33,7 +33,8 @@ class JobCancelled(AtlasError):
 
 @dataclass(frozen=True)
 class JobStatus:
-    """state: queued | running | done | failed | cancelled. eta_s: seconds left, when estimable."""
+    """state: queued | running | done | failed | cancelled. eta_s: seconds left, when estimable.
+    detail: measured figures of the current stage (rollouts: done, total, rates, time left)."""
 
     id: str
     state: str
@@ -42,6 +43,7 @@ class JobStatus:
     elapsed_s: float
     eta_s: float | None
     error: str | None = None
+    detail: dict = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -58,11 +60,16 @@ class JobContext:
     def settings(self) -> Settings:
         return self._worker.settings
 
-    def progress(self, fraction: float, stage: str) -> None:
+    def progress(self, fraction: float, stage: str, detail: dict | None = None) -> None:
         """Report progress in [0, 1]; raises JobCancelled if the job was cancelled."""
         if self._job.cancel_requested.is_set():
             raise JobCancelled("Cancelled.")
         self._job.fraction, self._job.stage = min(max(fraction, 0.0), 1.0), stage
+        self._job.detail = dict(detail or {})
+
+    @property
+    def cancelled(self) -> bool:
+        return self._job.cancel_requested.is_set()
 
     def span(self, start: float, end: float) -> Callable[[float, str], None]:
         """A progress callback mapping a sub-task's [0, 1] onto [start, end] of this job."""
@@ -99,6 +106,7 @@ class _Job:
     def __init__(self, job_id: str, fn: Callable[[JobContext], Any]):
         self.id, self.fn = job_id, fn
         self.state, self.fraction, self.stage = "queued", 0.0, "Waiting for the worker"
+        self.detail: dict = {}
         self.created, self.started, self.ended = time.monotonic(), None, None
         self.result: Any = None
         self.error: BaseException | None = None
@@ -112,7 +120,10 @@ class _Job:
         if self.state == "running" and self.fraction > 0.05:
             eta = elapsed * (1 - self.fraction) / self.fraction
         error = str(self.error) if self.error else None
-        return JobStatus(self.id, self.state, self.fraction, self.stage, elapsed, eta, error)
+        if self.state == "running" and self.detail.get("eta_s") is not None:
+            eta = self.detail["eta_s"]  # the stage's own measured rate
+        return JobStatus(self.id, self.state, self.fraction, self.stage, elapsed, eta, error,
+                         self.detail)
 
 
 class Worker:

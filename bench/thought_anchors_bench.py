@@ -1,10 +1,16 @@
 """Thought Anchors benchmark: rollouts per second, and memory of the receiver-head pass.
 
-Rollouts: R continuations of one prompt, sampled (a) as one batch from a single shared prefill
-(`sample_token_ids`) and (b) the naive way, one `model.generate` per rollout re-reading the
-prompt every time (`sample_one_by_one`). Stopping is disabled in both (every rollout gets exactly
-`--new-tokens` tokens), so both do the same amount of sampling; printed: seconds, rollouts per
-second and the ratio, from one process.
+Rollouts, in one process, same prompt, temperature and top-p for all:
+(a) equal work (`--rollouts` R continuations of `--new-tokens` tokens each, stopping off): the
+    embedded rollout engine (backend.rollouts.embedded: static KV cache, one prefill, CUDA
+    graphs), `model.generate(num_return_sequences=R)` (the baseline users would write) and the
+    old one-by-one loop (one `generate` per rollout; measured on `--one-by-one` rollouts, its
+    rate does not depend on R);
+(b) stop-at-answer (`--sentences` prefixes of growing length, R rollouts each, every rollout
+    with its own random length as when it stops at its answer): the engine refills finished rows
+    with the next rollouts (continuous batching), generate(num_return_sequences=R) runs each
+    sentence until its longest rollout ends. tokens/s counts the tokens the rollouts keep.
+Printed: seconds, rollouts/s, tokens/s and the ratios.
 
 Receiver memory (`--receiver-memory`): peak memory of `receiver_pass` (each layer reduced to
 sentence blocks as it runs) vs `output_attentions=True` (every layer's (head, T, T) kept), at
@@ -13,10 +19,11 @@ maps would not fit, their size L x H x T^2 x 2 bytes is printed, marked "estimat
 peak resident memory (rough; for smoke tests).
 
     python -m bench.thought_anchors_bench                       # SmolLM2-135M on the CPU
-    python -m bench.thought_anchors_bench --gpu-config deepseek-r1-distill-qwen-1.5b
+    python -m bench.thought_anchors_bench --gpu-config deepseek-r1-distill-qwen-1.5b \
+        --prompt-tokens 1500 --rollouts 100 --new-tokens 256        # the issue's H200 setting
     python -m bench.thought_anchors_bench --gpu-config deepseek-r1-distill-qwen-7b --receiver-memory
     python -m bench.thought_anchors_bench --gpu-config deepseek-r1-distill-qwen-1.5b \
-        --device cpu --layers 2 --rollouts 2 --new-tokens 4        # smoke test without a GPU
+        --device cpu --layers 2 --rollouts 4 --new-tokens 8 --sentences 2  # smoke test, no GPU
 
 --gpu-config builds a randomly initialised model from the real architecture (speed and memory do
 not depend on the weights' values) in bfloat16 on CUDA (float32 on the CPU) and prompts it with
@@ -34,7 +41,9 @@ import torch
 
 from backend.methods.thought_anchors.passes import receiver_pass
 from backend.methods.thought_anchors.resampling import rollout_prompt
-from backend.methods.thought_anchors.sampling import sample_one_by_one, sample_token_ids
+from backend.methods.thought_anchors.sampling import sample_one_by_one
+from backend.rollouts.base import Continuation, Prompt, SamplingParams
+from backend.rollouts.embedded import EmbeddedEngine
 
 QWEN2 = dict(model_type="qwen2", rope_theta=10000.0, max_position_embeddings=131072,
              rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False,
@@ -88,9 +97,9 @@ def text_prompt(tokenizer, n_tokens: int) -> list[int]:
     return tokenizer(rollout_prompt(PROBLEM, prefix))["input_ids"][:n_tokens]
 
 
-def random_prompt(vocab_size: int, n_tokens: int) -> list[int]:
-    return torch.randint(0, vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(0)
-                         ).tolist()
+def random_prompt(vocab_size: int, n_tokens: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, vocab_size, (n_tokens,),
+                         generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def describe(model) -> str:
@@ -116,29 +125,99 @@ def _timed(fn, device):
     return out, time.perf_counter() - start
 
 
-def compare_rollouts(model, prompt: list[int], eos: list[int], rollouts: int, new_tokens: int):
+def _generate(model, prompt: list[int], rows: int, new_tokens: int, eos: list[int]):
+    """generate(num_return_sequences=rows), every row exactly `new_tokens` long."""
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    with torch.inference_mode():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                              temperature=TEMPERATURE, top_p=TOP_P, top_k=0,
+                              num_return_sequences=rows, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, eos_token_id=eos,
+                              pad_token_id=eos[0])[:, len(prompt):]
+
+
+def _engine_rows(engine, prompts: list[Prompt], new_tokens: int) -> list[Continuation]:
+    params = SamplingParams(TEMPERATURE, TOP_P, new_tokens, (), seed=0, stop_at_repetition=False)
+    return list(engine.run(prompts, params))
+
+
+def _line(name: str, seconds: float, rollouts: int, tokens: int, note: str = "") -> None:
+    print(f"  {name:<34}: {seconds:8.2f} s  {rollouts / seconds:8.2f} rollouts/s  "
+          f"{tokens / seconds:10.0f} tokens/s  {note}")
+
+
+def compare_rollouts(model, prompt: list[int], eos: list[int], rollouts: int, new_tokens: int,
+                     one_by_one: int) -> None:
+    """(a) equal work: every rollout exactly new_tokens long."""
     device = next(model.parameters()).device
+    engine = EmbeddedEngine(model)
+    work = [Prompt(0, prompt, rollouts)]
+    _engine_rows(engine, [Prompt(0, prompt, 2)], 2)  # warm-up: kernels, allocator
+    _generate(model, prompt, 2, 2, eos)
+    sample_one_by_one(model, prompt, 1, eos, TEMPERATURE, TOP_P, 2, seed=0, min_new_tokens=2)
+    rows_e, t_cold = _timed(lambda: _engine_rows(engine, work, new_tokens), device)
+    rows_e, t_e = _timed(lambda: _engine_rows(engine, work, new_tokens), device)
+    out_g, t_g = _timed(lambda: _generate(model, prompt, rollouts, new_tokens, eos), device)
+    rows_n, t_n = _timed(lambda: sample_one_by_one(model, prompt, one_by_one, eos, TEMPERATURE,
+                                                   TOP_P, new_tokens, seed=0,
+                                                   min_new_tokens=new_tokens), device)
+    assert len(rows_e) == rollouts and all(len(r.token_ids) == new_tokens for r in rows_e)
+    assert tuple(out_g.shape) == (rollouts, new_tokens), out_g.shape
+    assert len(rows_n) == one_by_one and all(len(r) == new_tokens for r in rows_n)
+    tokens = rollouts * new_tokens
+    print(f"(a) equal work: prompt {len(prompt)} tokens, {rollouts} rollouts x {new_tokens} new "
+          f"tokens, temperature {TEMPERATURE}, top_p {TOP_P}, stopping off")
+    rows = engine.cache.shape[0]
+    _line("embedded engine", t_e, rollouts, tokens,
+          f"({rows} rows, CUDA graphs: {engine.graphs_used}; first run with graph capture "
+          f"{t_cold:.2f} s; decode attention per bucket: {engine.decode_attention})")
+    _line(f"generate(num_return_sequences={rollouts})", t_g, rollouts, tokens)
+    _line(f"one by one (generate), {one_by_one} rollouts", t_n, one_by_one,
+          one_by_one * new_tokens)
+    rate_n = one_by_one / t_n
+    print(f"  ratio engine / generate(num_return_sequences): {t_g / t_e:.2f}x rollouts/s")
+    print(f"  ratio engine / one by one: {rollouts / t_e / rate_n:.2f}x rollouts/s")
+    engine.close()
 
-    def batched(r, n):
-        return sample_token_ids(model, prompt, r, (), TEMPERATURE, TOP_P, n, seed=0)
 
-    def naive(r, n):
-        return sample_one_by_one(model, prompt, r, eos, TEMPERATURE, TOP_P, n, seed=0,
-                                 min_new_tokens=n)
+def answer_lengths(sentences: int, rollouts: int, mean: int, cap: int) -> list[list[int]]:
+    """Random rollout lengths as when rollouts stop at their answer: exponential around `mean`,
+    between 16 and `cap` tokens (seeded)."""
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.empty(sentences, rollouts).exponential_(1 / mean, generator=g)
+    return lengths.clamp(16, cap).long().tolist()
 
-    batched(2, 2), naive(1, 2)  # warm-up: kernels, allocator
-    rows_b, t_b = _timed(lambda: batched(rollouts, new_tokens), device)
-    rows_n, t_n = _timed(lambda: naive(rollouts, new_tokens), device)
-    for rows in (rows_b, rows_n):
-        assert len(rows) == rollouts and all(len(r) == new_tokens for r in rows), \
-            [len(r) for r in rows]
-    print(f"prompt {len(prompt)} tokens, {rollouts} rollouts x {new_tokens} new tokens, "
-          f"temperature {TEMPERATURE}, top_p {TOP_P} (stopping off: equal work)")
-    print(f"  batched, shared prefill : {t_b:8.2f} s  {rollouts / t_b:8.2f} rollouts/s  "
-          f"(1 prefill + {new_tokens - 1} steps of {rollouts} rows)")
-    print(f"  one by one (generate)   : {t_n:8.2f} s  {rollouts / t_n:8.2f} rollouts/s  "
-          f"({rollouts} prefills + {rollouts * (new_tokens - 1)} steps of 1 row)")
-    print(f"  ratio batched / one by one: {t_n / t_b:.2f}x rollouts per second")
+
+def compare_stop_at_answer(model, prompt: list[int], eos: list[int], rollouts: int, mean: int,
+                           sentences: int) -> None:
+    """(b) each rollout stops at its own (random) length, over several sentence prefixes."""
+    device = next(model.parameters()).device
+    cap = 4 * mean
+    lengths = answer_lengths(sentences, rollouts, mean, cap)
+    vocab = model.config.vocab_size
+    prefixes = [prompt + random_prompt(vocab, 24 * i, seed=i + 1) for i in range(sentences)]
+    work = [Prompt(i, p, rollouts, max_new_tokens=lengths[i]) for i, p in enumerate(prefixes)]
+    engine = EmbeddedEngine(model)
+    _engine_rows(engine, [Prompt(0, prefixes[-1], 2, max_new_tokens=[2, 2])], cap)  # warm-up
+    rows_e, t_cold = _timed(lambda: _engine_rows(engine, work, cap), device)
+    rows_e, t_e = _timed(lambda: _engine_rows(engine, work, cap), device)
+    kept = sum(map(sum, lengths))
+    assert sum(len(r.token_ids) for r in rows_e) == kept
+
+    def baseline():
+        return [_generate(model, p, rollouts, max(n), eos) for p, n in zip(prefixes, lengths)]
+
+    _, t_g = _timed(baseline, device)
+    total = sentences * rollouts
+    print(f"(b) stop at the answer: {sentences} sentence prefixes of {len(prefixes[0])}-"
+          f"{len(prefixes[-1])} tokens x {rollouts} rollouts, lengths random (exponential, mean "
+          f"{mean}, 16-{cap}; {kept:,} tokens kept)")
+    _line("embedded engine (continuous batching)", t_e, total, kept,
+          f"({engine.cache.shape[0]} rows; first run with graph capture {t_cold:.2f} s)")
+    _line(f"generate(num_return_sequences={rollouts})", t_g, total, kept,
+          "(each sentence runs to its longest rollout)")
+    print(f"  ratio engine / generate(num_return_sequences): {t_g / t_e:.2f}x tokens/s")
+    engine.close()
 
 
 # --- receiver-pass memory --------------------------------------------------------------------
@@ -251,6 +330,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--rollouts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--one-by-one", type=int,
+                        help="rollouts of the one-by-one loop (default: min(R, 5))")
+    parser.add_argument("--sentences", type=int, default=4,
+                        help="sentence prefixes of the stop-at-answer comparison (0: skip it)")
+    parser.add_argument("--answer-mean", type=int,
+                        help="mean rollout length when stopping at the answer (default: "
+                             "new tokens / 2; lengths up to 4x that)")
     parser.add_argument("--receiver-memory", action="store_true",
                         help="measure receiver_pass memory instead of rollout speed")
     parser.add_argument("--lengths", type=int, nargs="+",
@@ -278,7 +364,12 @@ def main(argv: list[str] | None = None) -> None:
         lengths = args.lengths or ([4096, 16384] if device.startswith("cuda") else [256, 512])
         receiver_memory(model, lengths)
     else:
-        compare_rollouts(model, prompt, eos, args.rollouts, args.new_tokens)
+        compare_rollouts(model, prompt, eos, args.rollouts, args.new_tokens,
+                         args.one_by_one or min(args.rollouts, 5))
+        if args.sentences:
+            compare_stop_at_answer(model, prompt, eos, args.rollouts,
+                                   args.answer_mean or max(4, args.new_tokens // 2),
+                                   args.sentences)
 
 
 if __name__ == "__main__":

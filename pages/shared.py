@@ -17,6 +17,7 @@ from backend.models import PACKAGED
 from backend.service import AtlasService
 from backend.store import AnalysisRecord
 from backend.worker import JobStatus
+from viz.math_text import inert
 
 PAGES_DIR = Path(__file__).resolve().parent  # absolute: the app may be started from anywhere
 # name (the file pages/<name>.py, also its URL path): (title, icon); the first is the default.
@@ -196,13 +197,7 @@ def share_link(params: dict, caption: str = "Link to this view") -> None:
     st.code(f"{base}?{query}", language=None)
 
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~$])")
-
-
-def plain(text: str) -> str:
-    """User text made inert inside markdown labels: no markup, no HTML, shown as typed."""
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+plain = inert  # user text made inert inside markdown labels: no markup, no HTML, as typed
 
 
 def _leave_legacy_pages_mode() -> None:

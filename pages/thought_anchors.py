@@ -4,16 +4,22 @@ import numpy as np
 import streamlit as st
 
 from backend.analyses import AnalysisRequest
-from backend.analyses.thought_anchors import (METRICS, RESAMPLING_ROLLOUTS, RESAMPLING_TOKENS,
-                                              WORKED_EXAMPLE)
+from backend.analyses.thought_anchors import METRICS, WORKED_EXAMPLE
 from backend.examples import REASONING_EXAMPLE
 from backend.methods.thought_anchors.tags import TAG_COLORS
 from pages import shared
+from pages.thought_anchors_resampling import resampling_part
 from viz import export
-from viz.thought_anchors import link_graph, sentence_list, sentence_matrix
+from viz.math_text import math_markdown
+from viz.thought_anchors import link_graph, sentence_list, sentence_matrix, tag_legend
 
 TRACE_PARAM = "t"
-SOURCES = [WORKED_EXAMPLE, "Your problem", "Import a published trace"]
+PENDING = "ta_pending"  # the trace being written or split for this session
+PUBLISHED_SOURCE, IMPORT_SOURCE = "Published example", "Import a published trace"
+SOURCES = [PUBLISHED_SOURCE, WORKED_EXAMPLE, "Your problem", IMPORT_SOURCE]
+PUBLISHED_NOTE = """A real reasoning trace: DeepSeek-R1-Distill-Qwen-14B solving a MATH problem,
+with the authors' own results (100 rollouts per sentence, suppression matrix, LLM-labelled
+tags), from Bogdan, Macar, Nanda & Conmy (2025), shipped with the app under the MIT licence."""
 EXPLANATION = """
 Thought Anchors (Bogdan, Macar, Nanda & Conmy, 2025) asks which sentences of a chain of thought
 steer the answer, three ways:
@@ -53,13 +59,47 @@ def _matrices(trace_id: str, record, parts: dict) -> dict[str, np.ndarray]:
     return found
 
 
+def _start(source: str, model: str, problem: str, answer: str, trace: str) -> None:
+    """Remember what the user asked to open: its jobs finish over several reruns."""
+    st.session_state[PENDING] = {"source": source, "model": model, "problem": problem,
+                                 "answer": answer, "trace": trace}
+
+
+def _open_pending(source: str) -> None:
+    """Carry the started trace through its jobs (generation, then splitting: each finishing job
+    reruns the page) and open it when ready, so one click is enough."""
+    pending = st.session_state.get(PENDING)
+    if not pending or pending["source"] != source:
+        st.session_state.pop(PENDING, None)
+        return
+    model, problem, solution = pending["model"], pending["problem"], pending["trace"]
+    if not solution:
+        generated = shared.derived(AnalysisRequest.make("ta_generate", model, problem),
+                                   f"{model} writes a solution")
+        if not generated:
+            return
+        solution = shared.service().analysis(generated).meta["solution"]
+    trace = shared.derived(AnalysisRequest.make("ta_trace", model, solution, problem=problem,
+                                                answer=pending["answer"]), "Splitting the trace")
+    if trace:
+        del st.session_state[PENDING]
+        st.query_params[TRACE_PARAM] = trace
+
+
 def choose_trace() -> None:
     """Pick or create a trace; sets the `t` query parameter when one is ready."""
     source = st.segmented_control("Trace", SOURCES, default=SOURCES[0], key="ta_source",
                                   bind="query-params") or SOURCES[0]
     model = st.session_state.get("model_choice", "smollm2")
     model = st.session_state.get("other_model", "") if model == "other" else model
-    if source == SOURCES[2]:
+    opened = st.query_params.get(TRACE_PARAM)
+    if source == PUBLISHED_SOURCE:
+        st.markdown(PUBLISHED_NOTE)
+        example = shared.service().published_example()
+        if opened != example and (not opened or st.button("Open the published example")):
+            st.query_params[TRACE_PARAM] = example
+        return
+    if source == IMPORT_SOURCE:
         files = st.file_uploader("The trace's JSON files (problem.json, base_solution.json, "
                                  "chunks_labeled.json, chunks_resampled.json, "
                                  "step_importance*.json)", type="json",
@@ -74,30 +114,36 @@ def choose_trace() -> None:
                 return
             st.query_params[TRACE_PARAM] = trace
         return
-    if source == SOURCES[0]:
-        problem, answer, own = REASONING_EXAMPLE["problem"], REASONING_EXAMPLE["answer"], ""
-        st.markdown(f"**Problem:** {shared.plain(problem)}  \n**Answer:** {answer}")
-        # A trace from a link stays open until the user asks for the example.
-        if st.query_params.get(TRACE_PARAM) and not st.button("Open the worked example"):
-            return
+    if source == WORKED_EXAMPLE:
+        problem, answer = REASONING_EXAMPLE["problem"], REASONING_EXAMPLE["answer"]
+        st.markdown(f"**Problem:** {math_markdown(problem)}  \n**Reference answer:** "
+                    f"{shared.plain(answer)}  \nThe model chosen in the sidebar writes its own "
+                    "solution (a small model may not reason well: see the published example).")
+        # A trace from a link stays open until the user asks for the model's own.
+        if not opened or st.button("Let the model write its own trace"):
+            _start(source, model, problem, answer, "")
     else:
         problem = st.text_area("Problem", key="ta_problem")
         answer = st.text_input("Reference answer (optional)", key="ta_answer")
         own = st.text_area("Your trace (optional: leave empty to let the model write one)",
                            key="ta_own")
-        if not st.button("Analyse this problem"):
-            return
-    solution = own
-    if not solution:
-        generated = shared.derived(AnalysisRequest.make("ta_generate", model, problem),
-                                   f"{model} writes a solution")
-        if not generated:
-            return
-        solution = shared.service().analysis(generated).meta["solution"]
-    trace = shared.derived(AnalysisRequest.make("ta_trace", model, solution, problem=problem,
-                                                answer=answer), "Splitting the trace")
-    if trace:
-        st.query_params[TRACE_PARAM] = trace
+        if st.button("Analyse this problem"):
+            if not (problem.strip() or own.strip()):
+                st.error("Enter a problem (and, if you have one, its trace).")
+                return
+            _start(source, model, problem, answer, own)
+    _open_pending(source)
+
+
+AGREEMENT = {True: " (they agree)", False: " (they differ)", None: ""}
+
+
+def _answer(answer: str | None) -> str:
+    """An answer for markdown: LaTeX ones as math, the rest as typed."""
+    if not answer:
+        return "none"
+    latex = set(answer) & set("\\^_{}")
+    return math_markdown(f"\\({answer}\\)") if latex else shared.plain(answer)
 
 
 def own_trace_parts(record) -> dict[str, str | None]:
@@ -105,19 +151,12 @@ def own_trace_parts(record) -> dict[str, str | None]:
     base = dict(record.params)
     parts = {"receivers": shared.derived(AnalysisRequest.make(
         "ta_receivers", record.model, record.text, **base), "Receiver heads")}
-    c1, c2, c3 = st.columns(3)
-    if c1.toggle("Attention suppression", key="ta_supp", bind="query-params",
+    if st.toggle("Attention suppression", key="ta_supp", bind="query-params",
                  help="One forward pass per sentence."):
         parts["suppression"] = shared.derived(AnalysisRequest.make(
             "ta_suppression", record.model, record.text, **base), "Attention suppression")
-    rollouts = c3.number_input("Rollouts per sentence", 1, 100, RESAMPLING_ROLLOUTS, key="ta_r",
-                               bind="query-params")
-    if c2.toggle("Resampling", key="ta_resample", bind="query-params",
-                 help="Regenerates from every sentence: the slow method, saved as it goes."):
-        parts["resampling"] = shared.derived(AnalysisRequest.make(
-            "ta_resampling", record.model, record.text, rollouts=int(rollouts),
-            max_new_tokens=RESAMPLING_TOKENS, **base),
-            f"Resampling ({rollouts} rollouts per sentence)")
+    with st.container(border=True):
+        parts["resampling"] = resampling_part(record, parts)
     return parts
 
 
@@ -148,10 +187,20 @@ if trace_id:
         st.warning(str(e))
 if record:
     meta, chunks = record.meta, record.meta["chunks"]
-    st.markdown(f"**Problem:** {shared.plain(meta['problem'])}")
-    st.markdown(f"**Answer in the trace:** {shared.plain(str(meta.get('answer')))} · "
-                f"**model:** {shared.plain(meta.get('model_label', record.model))} · "
+    model_label = meta.get("model_label", record.model)
+    st.markdown(f"**Problem:** {math_markdown(meta['problem'])}")
+    answers = shared.service().trace_answers(trace_id)
+    st.markdown(f"**Answer in the trace:** {_answer(answers['trace'])} · **Reference answer:** "
+                f"{_answer(answers['reference'])}{AGREEMENT[answers['matches']]} · "
+                f"**model:** {shared.plain(model_label)} · "
                 f"**{len(chunks)} sentences** · tags: {meta['tags_source']}")
+    if record.kind == "ta_trace" and (answers["degenerate"] or not answers["trace"]):
+        why = ("stopped writing because it kept repeating itself" if answers["degenerate"]
+               else "gave no \\\\boxed\\{\\} answer")
+        st.warning(f"{shared.plain(model_label)} {why}: it is probably too small to reason "
+                   "through this problem (the paper's traces come from 8B and 14B reasoning "
+                   "models). The scores below describe its text, not its reasoning: open the "
+                   "published example to see real anchors.")
     parts = {} if record.kind == "ta_published" else own_trace_parts(record)
     scores = per_sentence_scores(trace_id, record, parts)
     matrices = _matrices(trace_id, record, parts)
@@ -163,7 +212,9 @@ if record:
                               index=names.index(preferred[0]) if preferred else 0)
         sentence = st.selectbox("Sentence", range(len(chunks)), index=None, key="ta_s",
                                 bind="query-params", format_func=lambda i: f"{i}: {chunks[i][:60]}")
-        st.html(sentence_list(chunks, scores.get(metric), meta["tags"], TAG_COLORS, sentence))
+        # Our HTML only: sentence_list makes every sentence inert but for its math.
+        st.markdown(sentence_list(chunks, scores.get(metric), meta["tags"], TAG_COLORS, sentence),
+                    unsafe_allow_html=True)
     with right:
         if matrices:
             which = st.selectbox("Sentence × sentence matrix", list(matrices), key="ta_matrix",
@@ -174,7 +225,8 @@ if record:
                               bind="query-params")
             importance = np.abs(scores.get(metric, np.zeros(len(chunks))))
             st.altair_chart(link_graph(chunks, shared.service().top_links(matrix, top_n),
-                                       importance, meta["tags"], TAG_COLORS))
+                                       importance, meta["tags"], TAG_COLORS), width="content")
+            st.html(tag_legend(TAG_COLORS))
         heads = (shared.service().array(parts["receivers"], "receiver_heads")
                  if parts.get("receivers") else [])
         if len(heads):
@@ -191,13 +243,13 @@ if record:
                                             f"{pick}: rows attended, columns attending"))
     if sentence is not None:
         st.subheader(f"Sentence {sentence}")
-        st.text(chunks[sentence])
+        st.markdown(math_markdown(chunks[sentence]))
         alternatives = shared.service().resampled_alternatives(
             trace_id, parts.get("resampling"), sentence)
         if alternatives:
             st.markdown("**Most frequent resampled alternatives**")
             for text, count in alternatives:
-                st.text(f"{count}×  {text}")
+                st.markdown(f"{count}× {math_markdown(text)}")
         if "accuracy" in scores and sentence + 1 < len(chunks):
             st.markdown(f"Accuracy of rollouts from here (with the sentence resampled): "
                         f"{scores['accuracy'][sentence]:.2f}; from the next sentence (kept): "
@@ -212,7 +264,7 @@ if record:
     with st.expander("Export and share", expanded=True):
         table = np.stack([scores[m] for m in scores], axis=1) if scores else np.zeros((len(chunks), 0))
         st.download_button("CSV of the sentence scores", lambda: export.matrix_csv(
-            table, [f"{i}" for i in range(len(chunks))], list(scores)),
+            table, [f"{i}" for i in range(len(chunks))], list(scores), corner="sentence"),
             file_name="thought_anchors.csv", mime="text/csv")
         st.download_button("The trace in the published format (zip of JSON files)",
                            lambda: shared.service().published_zip(
@@ -225,5 +277,5 @@ if record:
         shared.share_link({TRACE_PARAM: trace_id, **{
             key: st.session_state.get(key) for key in (
                 "ta_metric", "ta_matrix", "ta_links", "ta_supp", "ta_resample", "ta_r",
-                "ta_head")},
+                "ta_head", "ta_engine", "ta_tokens", "ta_which", "ta_flagged")},
             "ta_s": None if sentence is None else f"{sentence}: {chunks[sentence][:60]}"})

@@ -10,11 +10,13 @@ import pandas as pd
 import vl_convert as vlc
 
 
-def matrix_csv(matrix: np.ndarray, query_labels: list[str], key_labels: list[str]) -> str:
-    """CSV with one row per query token and one column per key token (labels are unique)."""
+def matrix_csv(matrix: np.ndarray, query_labels: list[str], key_labels: list[str],
+               corner: str = "query \\ key") -> str:
+    """CSV with one row per query token and one column per key token (labels are unique);
+    `corner` names the axes in the header's first cell."""
     frame = pd.DataFrame(np.asarray(matrix, dtype=np.float32), index=query_labels,
                          columns=key_labels)
-    frame.index.name = "query \\ key"
+    frame.index.name = corner
     buffer = io.StringIO()
     frame.to_csv(buffer, float_format="%.6f")
     return buffer.getvalue()

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from backend.analyses.request import AnalysisRequest
+from backend.analyses.request import AnalysisRequest, analysis_id
 from backend.errors import InputError
 from backend.methods.thought_anchors.answers import answers_match, extract_boxed_answer
 from backend.methods.thought_anchors.passes import (receiver_pass, suppression_log_kl,
@@ -24,11 +24,13 @@ from backend.methods.thought_anchors.receivers import (head_kurtosis, receiver_h
                                                        receiver_scores, vertical_scores)
 from backend.methods.thought_anchors.resampling import (Rollout, chunk_metrics,
                                                         counterfactual_matrix, rollout_prompt)
-from backend.methods.thought_anchors.sampling import sample_continuations
+from backend.methods.thought_anchors.sampling import stop_token_ids
 from backend.methods.thought_anchors.segmentation import (chunk_spans, clean_resampling_prefix,
                                                           resampling_prefix, split_into_chunks,
                                                           token_spans)
 from backend.methods.thought_anchors.tags import heuristic_tag
+from backend.rollouts.base import AnswerStop, Continuation, Prompt, SamplingParams
+from backend.rollouts.registry import EMBEDDED, RATES, make_engine
 from backend.store import AnalysisRecord
 
 MIN_CHUNKS = 2
@@ -80,18 +82,45 @@ def compute_trace(ctx, request: AnalysisRequest, aid: str):
     return _record(request, aid, lm.fingerprint, meta), {}
 
 
+def _engine(ctx, params: dict, lm):
+    return make_engine(params.get("engine", EMBEDDED), lm, ctx.settings)
+
+
+def _sampling(params: dict, lm, max_new_tokens: int, seed: int,
+              answer_stop: bool) -> SamplingParams:
+    stop = None
+    if answer_stop:
+        vocab = lm.tokenizer.get_vocab()
+        stop = AnswerStop(frozenset(i for t, i in vocab.items() if "boxed" in t),
+                          lambda text: extract_boxed_answer(text) is not None,
+                          lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True))
+    return SamplingParams(float(params.get("temperature", 0.6)), float(params.get("top_p", 0.95)),
+                          int(max_new_tokens), tuple(stop_token_ids(lm.tokenizer, lm.model)),
+                          seed, stop_at_repetition=True, answer_stop=stop)
+
+
+def _rollout_progress(ctx, start: float, end: float, what: str):
+    """Job progress from a RolloutMeter: real fractions of rollouts, rates and time left."""
+    return lambda meter: ctx.progress(start + (end - start) * meter.done / max(meter.total, 1),
+                                      f"{what}: {meter.describe()}", meter.detail())
+
+
 def compute_generation(ctx, request: AnalysisRequest, aid: str):
-    """A base trace for a problem (request.text), sampled from the model."""
+    """A base trace for a problem (request.text), sampled from the model; generation stops at
+    an end token, at degenerate repetition ("A: A: A: ...") or at max_new_tokens."""
     params = dict(request.params)
     lm = ctx.model(request.model)
     prompt = rollout_prompt(request.text, "")
     ids = lm.tokenizer(prompt)["input_ids"]
     ctx.progress(0.35, "Writing a solution")
-    [solution] = sample_continuations(
-        lm.model, lm.tokenizer, ids, 1, temperature=params.get("temperature", 0.6),
-        top_p=0.95, max_new_tokens=params.get("max_new_tokens", 384),
-        seed=params.get("seed", 0), progress=ctx.span(0.35, 0.95))
-    meta = {"solution": solution, "answer": extract_boxed_answer(solution)}
+    engine = _engine(ctx, params, lm)
+    sampling = _sampling(params, lm, params.get("max_new_tokens", 384), params.get("seed", 0),
+                         answer_stop=False)
+    [out] = list(engine.run([Prompt("trace", ids, 1, text=prompt)], sampling,
+                            _rollout_progress(ctx, 0.35, 0.95, "Writing a solution"),
+                            lambda: ctx.cancelled))
+    meta = {"solution": out.text, "answer": extract_boxed_answer(out.text),
+            "finish_reason": out.finish_reason, "degenerate": out.finish_reason == "repetition"}
     return _record(request, aid, lm.fingerprint, meta), {}
 
 
@@ -132,63 +161,130 @@ def compute_suppression(ctx, request: AnalysisRequest, aid: str):
         "suppression": raw.T, "suppression_normalized": normalized.T}
 
 
-def _rollout_rows(continuations: list[str], forced: bool, start: int, chunk_idx: int,
-                  reference: str | None) -> list[dict]:
-    rows = []
-    for k, text in enumerate(continuations):
-        answer = extract_boxed_answer("\\boxed{" + text if forced else text)
-        first = split_into_chunks(text) if not forced else []
-        rows.append({"chunk_idx": chunk_idx, "forced": forced, "rollout_idx": start + k,
-                     "continuation": text, "chunk_resampled": first[0] if first else "",
-                     "answer": answer,
-                     "is_correct": bool(answer and reference and answers_match(answer,
-                                                                                reference))})
-    return rows
+def _rollout_row(c: Continuation, reference: str | None) -> dict:
+    chunk_idx, forced = c.key
+    answer = extract_boxed_answer("\\boxed{" + c.text if forced else c.text)
+    first = split_into_chunks(c.text) if not forced else []
+    return {"chunk_idx": chunk_idx, "forced": forced, "rollout_idx": c.index,
+            "continuation": c.text, "chunk_resampled": first[0] if first else "",
+            "answer": answer,
+            "is_correct": bool(answer and reference and answers_match(answer, reference))}
+
+
+POOL_PARAMS = ("problem", "answer", "temperature", "top_p", "max_new_tokens", "seed", "prefix")
+
+
+def rollout_pool(request: AnalysisRequest, fingerprint: str) -> str:
+    """Where a resampling request's rollouts are saved: the request without `rollouts`,
+    `chunks`, `engine` and `forced`, so a later request for more rollouts or more sentences
+    reuses every saved one (and a restarted job resumes)."""
+    params = {k: v for k, v in request.params if k in POOL_PARAMS}
+    pool = AnalysisRequest.make("ta_rollouts", request.model, request.text, **params)
+    return "pool-" + analysis_id(pool, fingerprint)
+
+
+def resampled_chunks(n_chunks: int, chunks) -> tuple[list[int], list[int]]:
+    """(selected sentences, sentences to sample): importance of i compares i with i + 1."""
+    selected = sorted(set(range(n_chunks) if chunks is None else map(int, chunks)))
+    if not selected or selected[0] < 0 or selected[-1] >= n_chunks:
+        raise InputError(f"Sentences to resample must be between 0 and {n_chunks - 1}.")
+    return selected, sorted(set(selected) | {i + 1 for i in selected if i + 1 < n_chunks})
+
+
+def missing_rollouts(store, pool: str, sampled: list[int], n_rollouts: int,
+                     forced: bool) -> dict[tuple[int, bool], tuple[int, int]]:
+    """{(chunk, forced): (saved, missing)} of the sentences to sample."""
+    saved: dict[tuple[int, bool], int] = {}
+    for row in store.load_rollouts(pool):
+        key = (row["chunk_idx"], row["forced"])
+        saved[key] = saved.get(key, 0) + 1
+    variants = (False, True) if forced else (False,)
+    return {(i, f): (saved.get((i, f), 0), max(0, n_rollouts - saved.get((i, f), 0)))
+            for i in sampled for f in variants}
+
+
+class _Saver:
+    """Saves rollouts in batches at most `every_s` apart (one transaction each)."""
+
+    def __init__(self, store, pool: str, every_s: float = 0.5):
+        self.store, self.pool, self.every_s = store, pool, every_s
+        self.rows: list[dict] = []
+        self.last = time.monotonic()
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.store.save_rollouts(self.pool, self.rows)
+        self.rows, self.last = [], time.monotonic()
+
+
+FORCED_TOKENS = 12  # the forced answer follows "\\boxed{" at once
 
 
 def compute_resampling(ctx, request: AnalysisRequest, aid: str, store):
-    """Counterfactual resampling (spec section 2). Rollouts are saved to the store as each
-    chunk's batch finishes, and a restarted job only samples what is missing."""
+    """Counterfactual resampling (spec section 2) of the selected sentences (`chunks`, all by
+    default) on the chosen rollout engine. Rollouts are saved as they arrive in the request's
+    rollout pool (`rollout_pool`): a restarted job, or a later one asking for more, samples
+    only what is missing."""
     params = dict(request.params)
     chunks = trace_chunks(request.text)
+    selected, sampled = resampled_chunks(len(chunks), params.get("chunks"))
     lm = ctx.model(request.model)
     reference = params.get("answer") or extract_boxed_answer(request.text)
-    n_rollouts, forced_tokens = int(params.get("rollouts", 4)), 12
-    done = {}
-    for row in store.load_rollouts(aid):
-        key = (row["chunk_idx"], row["forced"])
-        done[key] = done.get(key, 0) + 1
-    started, sampled = time.monotonic(), 0
-    for i in range(len(chunks)):
+    n_rollouts = int(params.get("rollouts", 4))
+    pool = rollout_pool(request, lm.fingerprint)
+    todo = missing_rollouts(store, pool, sampled, n_rollouts, params.get("forced", True))
+    prompts = []
+    for (i, forced), (saved, missing) in todo.items():
+        if not missing:
+            continue
         prefix = (clean_resampling_prefix(request.text, i) if params.get("prefix") == "clean"
                   else resampling_prefix(chunks, i))
-        for forced in (False, True):
-            missing = n_rollouts - done.get((i, forced), 0)
-            if missing <= 0:
-                continue
-            rate = f", {sampled / (time.monotonic() - started):.2f} rollouts/s" if sampled else ""
-            ctx.progress(0.3 + 0.6 * i / len(chunks),
-                         f"Chunk {i + 1}/{len(chunks)}: {missing} {'forced ' if forced else ''}"
-                         f"rollouts{rate}")
-            ids = lm.tokenizer(rollout_prompt(params.get("problem", ""), prefix, forced))[
-                "input_ids"]
-            texts = sample_continuations(
-                lm.model, lm.tokenizer, ids, missing, temperature=params.get("temperature", 0.6),
-                top_p=params.get("top_p", 0.95),
-                max_new_tokens=forced_tokens if forced else params.get("max_new_tokens", 256),
-                seed=params.get("seed", 0) * 1_000_003 + 2 * i + forced + 7919 * (n_rollouts -
-                                                                                   missing))
-            store.save_rollouts(aid, _rollout_rows(texts, forced, n_rollouts - missing, i,
-                                                   reference))
-            sampled += missing
+        text = rollout_prompt(params.get("problem", ""), prefix, forced)
+        prompts.append(Prompt((i, forced), lm.tokenizer(text)["input_ids"], missing, text, saved,
+                              [FORCED_TOKENS] * missing if forced else None))
+    engine_name = params.get("engine", EMBEDDED)
+    if prompts:
+        ctx.progress(0.3, f"Starting {sum(p.n for p in prompts):,} rollouts on {engine_name}")
+        engine = _engine(ctx, params, lm)
+        seed = int(params.get("seed", 0)) * 1_000_003 + sum(s for s, _ in todo.values())
+        sampling = _sampling(params, lm, params.get("max_new_tokens", 256), seed,
+                             answer_stop=True)
+        saver = _Saver(store, pool)
+        report = _rollout_progress(ctx, 0.3, 0.9, f"Resampling {len(sampled)} sentences")
+        meter = None
+
+        def progress(m):
+            nonlocal meter
+            meter = m
+            report(m)
+
+        try:
+            for continuation in engine.run(prompts, sampling, progress, lambda: ctx.cancelled):
+                saver.add(_rollout_row(continuation, reference))
+        finally:
+            saver.flush()
+        if meter is not None and meter.rollouts_per_s:
+            RATES[engine_name] = meter.rollouts_per_s
     ctx.progress(0.92, "Embedding resampled sentences and computing the metrics")
-    saved = store.load_rollouts(aid)
+    saved = [r for r in store.load_rollouts(pool) if r["rollout_idx"] < n_rollouts
+             and r["chunk_idx"] in sampled]
     rollouts = [Rollout(r["chunk_idx"], r["chunk_resampled"], r["answer"], r["is_correct"],
                         r["forced"]) for r in saved]
     rows = chunk_metrics(chunks, rollouts)
+    unselected = [i for i in range(len(chunks)) if i not in selected]
     arrays = {name: np.array([row[name] for row in rows], dtype=np.float64) for name in METRICS}
+    for values in arrays.values():
+        values[unselected] = np.nan
     arrays["counterfactual"] = counterfactual_matrix_of(chunks, saved)
-    meta = {"n_chunks": len(chunks), "rollouts": n_rollouts, "reference_answer": reference}
+    arrays["counterfactual"][unselected] = np.nan
+    meta = {"n_chunks": len(chunks), "rollouts": n_rollouts, "reference_answer": reference,
+            "chunks": selected, "engine": engine_name, "rollout_pool": pool,
+            "rollouts_per_s": RATES.get(engine_name)}
     return _record(request, aid, lm.fingerprint, meta), arrays
 
 

@@ -80,18 +80,20 @@ def test_own_trace_white_box_passes_on_smollm2(service):
 
 def test_resampling_resumes_where_it_stopped(service):
     from backend.analyses import analysis_id
+    from backend.analyses.thought_anchors import rollout_pool
     from backend.models import resolve_source, source_fingerprint
 
     request = AnalysisRequest.make("ta_resampling", "smollm2", SOLUTION, problem=PROBLEM,
                                    answer="9", rollouts=2, max_new_tokens=12)
-    aid = analysis_id(request, source_fingerprint(resolve_source("smollm2", service.settings)))
+    fingerprint = source_fingerprint(resolve_source("smollm2", service.settings))
+    aid, pool = analysis_id(request, fingerprint), rollout_pool(request, fingerprint)
     # A previous run that saved chunk 0's rollouts, then died.
-    service.store.save_rollouts(aid, [
+    service.store.save_rollouts(pool, [
         {"chunk_idx": 0, "forced": False, "rollout_idx": k, "continuation": "Earlier run. x",
          "chunk_resampled": "Earlier run.", "answer": None, "is_correct": False}
         for k in range(2)])
     assert service.run(request, timeout=600) == aid
-    saved = service.store.load_rollouts(aid)
+    saved = service.store.load_rollouts(pool)
     chunk0 = [r for r in saved if r["chunk_idx"] == 0 and not r["forced"]]
     assert [r["continuation"] for r in chunk0] == ["Earlier run. x"] * 2  # not resampled again
     assert {(r["chunk_idx"], r["forced"]) for r in saved} == {

@@ -128,8 +128,8 @@ def test_thought_anchors_page_on_an_own_trace(service):
     at = app("pages/thought_anchors.py", t=trace)
     assert not at.exception and not at.error
     assert at.selectbox(key="ta_metric").value == "receiver_score"
-    shown = " ".join(str(h.proto.body) for h in at.get("html"))
-    assert "Then 27 pencils cost 27/3 = 9 dollars." in shown
+    shown = " ".join(m.value for m in at.markdown)  # markdown, so that its math renders
+    assert "Then 27 pencils cost 27/3 = 9 dollars\\." in shown
     assert at.selectbox(key="ta_matrix").value == "Attention (receiver heads)"
     at.selectbox(key="ta_s").set_value(1).run()
     assert at.subheader[0].value == "Sentence 1"

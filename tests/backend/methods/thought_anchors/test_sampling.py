@@ -1,4 +1,5 @@
-"""Batched shared-prefix sampling on SmolLM2, checked against transformers' own decoding.
+"""Batched shared-prefix sampling on SmolLM2 (the embedded rollout engine), checked against
+transformers' own decoding.
 
 Independent computations: `model.generate(do_sample=False)` (greedy, its own cache and loop) and
 full forward passes without any cache over each sampled row.
@@ -97,7 +98,8 @@ def test_batches_share_the_prefill(smollm2, prompt, greedy):
         rows = sample_token_ids(smollm2.model, prompt, 5, temperature=1e-4, max_new_tokens=8,
                                 batch_size=2)
     assert rows == [greedy] * 5
-    assert calls.shapes == [(1, prompt.shape[1])] + [(2, 1)] * 14 + [(1, 1)] * 7
+    # one prefill for all 5; 2 static rows, refilled twice as rollouts finish: 3 x 7 steps
+    assert calls.shapes == [(1, prompt.shape[1])] + [(2, 1)] * 21
 
 
 def test_seeded_sampling_is_reproducible(smollm2, prompt):
@@ -146,9 +148,11 @@ def test_rows_left_after_others_stopped_are_top_p_samples(smollm2):
 
 def test_progress_and_cancellation(smollm2, prompt):
     reports = []
-    sample_token_ids(smollm2.model, prompt, 2, max_new_tokens=3,
-                     progress=lambda f, msg: reports.append(f))
-    assert reports == pytest.approx([1 / 3, 2 / 3, 1.0])
+    sample_token_ids(smollm2.model, prompt, 3, max_new_tokens=3, batch_size=2,
+                     progress=lambda f, msg: reports.append((f, msg)))
+    # after each decoding step: rows 0-1 finish at step 2, the refilled row at step 4
+    assert [f for f, _ in reports] == pytest.approx([0, 2 / 3, 2 / 3, 1.0])
+    assert reports[-1][1].startswith("Rollouts 3/3 · ") and "rollouts/s" in reports[-1][1]
     with pytest.raises(SamplingCancelled):
         sample_token_ids(smollm2.model, prompt, 2, max_new_tokens=3, should_stop=lambda: True)
 

@@ -1,0 +1,99 @@
+"""The Thought Anchors page's resampling panel: pick a configured rollout engine by name, see
+the cost before starting and the rate while it runs, resample every sentence or only some, and
+add rollouts to a finished analysis later. (Not a page itself: thought_anchors.py uses it.)"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from backend.analyses import AnalysisRequest
+from backend.examples import REASONING_SAMPLING
+from pages import shared
+
+PAPER = ("The paper used 100 rollouts per sentence at temperature 0.6 and top-p 0.95, each "
+         "continuing to the answer (at most 16,384 new tokens).")
+WHICH = ["Every sentence", "Flagged by receiver heads", "Flagged by suppression", "Chosen"]
+
+
+def _engine_defaults(engines: dict[str, dict]) -> None:
+    """A new engine brings its own defaults (the paper's on a GPU or endpoint)."""
+    engine = engines[st.session_state["ta_engine"]]
+    st.session_state["ta_r"] = engine["default_rollouts"]
+    st.session_state["ta_tokens"] = engine["default_max_new_tokens"]
+
+
+def _add_rollouts(more: int) -> None:
+    st.session_state["ta_r"] += more
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _sentences(record, parts: dict, which: str) -> list[int] | None:
+    """The sentence indices to resample (None: every sentence), or [] when none are chosen."""
+    chunks = record.meta["chunks"]
+    if which == WHICH[0]:
+        return None
+    if which == WHICH[3]:
+        return st.multiselect("Sentences to resample", range(len(chunks)), key="ta_chunks",
+                              format_func=lambda i: f"{i}: {chunks[i][:50]}")
+    source = parts.get("receivers" if which == WHICH[1] else "suppression")
+    if not source:
+        st.info("Turn on attention suppression above to see the sentences it flags.")
+        return []
+    count = st.slider("How many flagged sentences", 1, len(chunks), min(5, len(chunks)),
+                      key="ta_flagged", bind="query-params")
+    picked = shared.service().flagged_sentences(source, count)
+    st.caption(f"Flagged: sentences {', '.join(map(str, picked))}.")
+    return picked
+
+
+def resampling_part(record, parts: dict) -> str | None:
+    """The resampling analysis' id once it is ready (None while it runs or is off)."""
+    service = shared.service()
+    engines = {e["name"]: e for e in service.rollout_engines()}
+    st.markdown("**Counterfactual resampling**")
+    c1, c2, c3 = st.columns([2, 1, 1])
+    name = c1.selectbox("Rollout engine", list(engines), key="ta_engine", bind="query-params",
+                        format_func=lambda n: engines[n]["label"], on_change=_engine_defaults,
+                        args=(engines,), help="Engines are configured on the server.")
+    engine = engines[name]
+    rollouts = int(c2.number_input("Rollouts per sentence", 1, 10_000,
+                                   engine["default_rollouts"], key="ta_r", bind="query-params"))
+    tokens = int(c3.number_input("Longest rollout (new tokens)", 16, 16_384,
+                                 engine["default_max_new_tokens"], key="ta_tokens",
+                                 bind="query-params"))
+    if engine["noisy"]:
+        st.caption(f"{engine['label']} is slow, so the defaults are small "
+                   f"({engine['default_rollouts']} rollouts per sentence, at most "
+                   f"{engine['default_max_new_tokens']} new tokens): many rollouts stop before an "
+                   f"answer and the metrics are noisy at this size. {PAPER}")
+    else:
+        st.caption(f"Defaults are the paper's: {PAPER}")
+    which = st.segmented_control("Resample", WHICH, default=WHICH[0], key="ta_which",
+                                 bind="query-params") or WHICH[0]
+    chunks = _sentences(record, parts, which)
+    if chunks == []:
+        return None
+    cost = service.resampling_estimate(record.id, name, rollouts, chunks, tokens)
+    saved = (f" ({cost['rollouts_saved']:,} saved already, {cost['rollouts_to_sample']:,} to "
+             "sample)" if cost["rollouts_saved"] else "")
+    when = (f"about {_duration(cost['seconds'])} at the measured rate"
+            if cost["seconds"] is not None else "the time is estimated once the engine has run")
+    st.markdown(f"**Expected cost:** {rollouts:,} rollouts × {cost['sentences']} sentences = "
+                f"{cost['rollouts_total']:,} rollouts{saved} · {when}")
+    if not st.toggle("Run the resampling", key="ta_resample", bind="query-params",
+                     help="Saved as each rollout finishes: a stopped job resumes."):
+        return None
+    selection = {} if chunks is None else {"chunks": chunks}
+    done = shared.derived(AnalysisRequest.make(
+        "ta_resampling", record.model, record.text, engine=name, rollouts=rollouts,
+        max_new_tokens=tokens, **REASONING_SAMPLING, **selection,
+        **dict(record.params)), f"Resampling on {engine['label']}")
+    if done:
+        st.button(f"Add {rollouts} more rollouts per sentence", on_click=_add_rollouts,
+                  args=(rollouts,), help="Keeps the saved rollouts and samples only the new ones.")
+    return done
