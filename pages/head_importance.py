@@ -195,7 +195,7 @@ def pruning_section(record, jobs: InTurn) -> dict:
     chart = pruning_chart(fractions, losses, meta["loss"],
                           title=f"Heads masked by {method}"
                                 f"{' (recomputed each step)' if recompute else ''}")
-    st.altair_chart(chart, key="hi_pruning")
+    st.altair_chart(chart, key="hi_pruning", width="content")
     if meta.get("higher_is_better"):
         st.caption("Here the curve is a similarity, not a loss: heads whose masking moves it "
                    "most matter most.")
@@ -270,25 +270,25 @@ if record:
             st.info("Click a head in the grid (or pick one above) to see its attention map, its "
                     "role scores and the token pairs it attends most.")
 
-    curve_column, ranking_column = st.columns([1, 1])
-    with curve_column:
-        curve = pruning_section(record, jobs)
-    with ranking_column:
-        st.subheader("Ranking")
-        columns = {}
-        if scores is not None:
-            columns[score_title] = scores
-        columns.update({name: values for name, values in roles.items() if name != score})
-        table = scores_table(n_layers, n_heads, columns, position_last=True)
-        if scores is not None:
-            table = table.sort_values(score_title, ascending=False, kind="stable")
-            table.insert(0, "rank", np.arange(1, len(table) + 1))
-        st.session_state["hi_ranked"] = list(table["id"])
-        st.dataframe(table, hide_index=True, height=380, key="hi_ranking",
-                     on_select=_pick_from_ranking, selection_mode="single-row",
-                     column_config={name: st.column_config.NumberColumn(format="%.4f")
-                                    for name in columns})
-        st.caption("Sorted by the chosen score, highest first. Select a row to open its head.")
+    # One below the other: side by side, the curve's plot shrank under its legend and the
+    # table's columns ran off its half of the page.
+    curve = pruning_section(record, jobs)
+    st.subheader("Ranking")
+    columns = {}
+    if scores is not None:
+        columns[score_title] = scores
+    columns.update({name: values for name, values in roles.items() if name != score})
+    table = scores_table(n_layers, n_heads, columns, position_last=True)
+    if scores is not None:
+        table = table.sort_values(score_title, ascending=False, kind="stable")
+        table.insert(0, "rank", np.arange(1, len(table) + 1))
+    st.session_state["hi_ranked"] = list(table["id"])
+    st.dataframe(table, hide_index=True, height=380, key="hi_ranking",
+                 on_select=_pick_from_ranking, selection_mode="single-row",
+                 column_config={name: st.column_config.NumberColumn(
+                     name if name in ROLES else score, help=name, format="%.4f")
+                     for name in columns})
+    st.caption("Sorted by the chosen score, highest first. Select a row to open its head.")
 
     with st.expander("What the scores mean"):
         st.markdown(EXPLANATIONS)

@@ -137,7 +137,21 @@ def _navigation(lesson: Lesson, index: int, present: bool) -> list[tuple[str, st
                     ("All lessons", "?", "All lessons")]
 
 
+def _fill_step_settings(lesson: Lesson, index: int) -> None:
+    """A hand-written link may carry only the lesson and the step: the step's own settings fill
+    in whatever the link leaves out, once per step opened (later changes are the reader's)."""
+    opened = (lesson.slug, index)
+    if st.session_state.get("lesson_settings_for") == opened:
+        return
+    st.session_state["lesson_settings_for"] = opened
+    missing = {k: v for k, v in lesson.steps[index].params.items() if k not in st.query_params}
+    if missing:
+        st.query_params.update(missing)
+        st.rerun()  # before the page's widgets exist, so they start from these settings
+
+
 def show(lesson: Lesson, index: int, present: bool) -> None:
+    _fill_step_settings(lesson, index)
     step, n = lesson.steps[index], len(lesson.steps)
     if present:
         st.html(PRESENTER_CSS)

@@ -3,6 +3,9 @@
 import streamlit as st
 
 from pages import shared
+from viz.heatmap import attention_heatmap, binned_heatmap
+
+CHART_MAX = 64  # tokens per side drawn cell by cell on this page; longer texts are binned
 
 st.header("Attention Atlas")
 st.markdown(
@@ -17,6 +20,10 @@ st.markdown(
 | **Explore** | One head (or a layer's head mean) as a query × key heatmap with token labels; click a token to see where it looks and what looks at it. Long inputs open as a binned overview you zoom into. |
 | **Head grid** | Every layer × head as a thumbnail on one screen: spot previous-token, first-token (sink) and diagonal heads at a glance; click one to open it. |
 | **Head importance** | Which heads matter (gradient, ablation, confidence, entropy) and what each does (previous-token, sink, induction… scores) on a layer × head grid; click a head for its map and top token pairs; pruning curves mask heads least-important first. |
+| **Rollout & flow** | How attention composes across layers: raw attention beside attention rollout and attention flow (Abnar & Zuidema) and gradient-weighted rollout (Chefer et al.), per token and as full matrices. |
+| **Thought Anchors** | Which sentences of a reasoning trace steer the answer: counterfactual resampling, receiver heads and attention suppression (Bogdan et al., 2025), on a published trace or one the model writes. |
+| **Compare** | Two analyses side by side (two texts, two models, or two heads), their difference where tokens align, and the heads or layers that changed most. |
+| **Lessons** | Guided lessons for a class: short stories around prepared analyses, with a presenter mode and a link for every step. |
 | **bertviz views** | The classic bertviz head view and model view, rendered offline, for inputs up to 128 tokens. |
 """
 )
@@ -26,13 +33,25 @@ st.caption("Attention weights show where information *can* flow, not why a model
 record = shared.require_analysis()
 if record:
     meta = record.meta
-    cols = st.columns(4)
-    cols[0].metric("Model", meta["model_label"])
-    cols[1].metric("Tokens", len(meta["tokens"]))
-    cols[2].metric("Layers", meta["n_layers"])
-    cols[3].metric("Heads per layer", meta["n_heads"])
+    # The model's name as text, not a metric: large metric type cuts long names off.
+    st.markdown(f"**Model:** {shared.plain(meta['model_label'])}")
+    cols = st.columns(3)
+    cols[0].metric("Tokens", len(meta["tokens"]))
+    cols[1].metric("Layers", meta["n_layers"])
+    cols[2].metric("Heads per layer", meta["n_heads"])
     st.markdown("**Text analysed**")
     st.text(record.text)  # st.text never interprets markup
+    layer, labels = meta["n_layers"] // 2, meta["tokens"]  # Explore opens on the same map
+    if len(labels) <= CHART_MAX:
+        chart = attention_heatmap(shared.service().attention_matrix(record.id, layer, None),
+                                  labels, labels, size=420,
+                                  title=f"Layer {layer}, mean of its heads: who attends to whom")
+    else:
+        overview = shared.service().attention_overview(record.id, layer, None, CHART_MAX)
+        chart = binned_heatmap(overview.values, overview.query_edges, overview.key_edges,
+                               labels, title=f"Layer {layer}, mean of its heads, in blocks",
+                               size=420)
+    st.altair_chart(chart, key="overview_map", width="content")
     st.page_link(shared.page("explore"), label="Explore this analysis",
                  icon=":material/arrow_forward:", query_params={"a": record.id})
 

@@ -36,7 +36,7 @@ ANALYSIS_PARAM = "a"
 COMPARE_PARAM = "b"  # the second analysis of a comparison
 OTHER_MODEL = "other"
 MODEL_LABELS = {**{alias: f"{m.label} (offline)" for alias, m in PACKAGED.items()},
-                OTHER_MODEL: "Other: hub id, local folder or .gguf file"}
+                OTHER_MODEL: "Other model…"}  # short: the sidebar is narrow
 
 _ANALYSIS_ID = re.compile(r"^[0-9a-f]{24}$")
 

@@ -56,6 +56,20 @@ function requirejs(deps, factory) {
 
 # A <script> element ends at "</script" and "<!--" can switch the parser into a state where it
 # does not; JSON with no "<" at all is safe. "\u003c" is the same string once JSON-parsed.
+# The model view's thumbnails have a fixed size: narrow frames scale the drawing down to fit
+# their width (and so its height) rather than cut heads off on the right.
+_FIT_TO_WIDTH = f"""\
+(function () {{
+    var root = document.getElementById("{_ROOT_ID}");
+    function fit() {{
+        root.style.zoom = 1;
+        var room = document.documentElement.clientWidth - 16;
+        root.style.zoom = Math.min(1, room / Math.max(root.scrollWidth, 1));
+    }}
+    fit();
+    window.addEventListener("resize", fit);
+}})();"""
+
 _JSON_HTML_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"}
 _UNSAFE_IN_SCRIPT = re.compile(r"</script|<!--", re.IGNORECASE)
 # 4-decimal weights are printed by Python as "0.0", "1.0" or "0.1234"; "0" and "1" are shorter.
@@ -257,7 +271,7 @@ def _params_json(weights: np.ndarray, tokens: list[str], options: dict) -> str:
 def _page(title: str, controls: str, bertviz_script: str, weights: np.ndarray,
           tokens: Sequence[str], options: dict) -> str:
     scripts = [*(_vendored_script(name) for name in _VENDORED_SCRIPTS), _REQUIREJS_SHIM]
-    scripts.append(_bertviz_script(bertviz_script))
+    scripts += [_bertviz_script(bertviz_script), _FIT_TO_WIDTH]
     return _PAGE.format(
         title=title,
         root_id=_ROOT_ID,

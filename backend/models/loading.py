@@ -1,16 +1,14 @@
 """Load a model for attention analysis: eager attention, safetensors only, never remote code.
 
-GGUF files are de-quantised by transformers on load, which is slow (tens of seconds), so the first
-load saves a safetensors copy keyed by the GGUF file's sha256; later loads take under a second.
+GGUF files are de-quantised once into a safetensors copy keyed by the GGUF file's sha256 (see
+backend.models.conversion; `python -m backend.models.prepare` does it at set-up); later loads take
+about a second.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,13 +22,13 @@ from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_
 
 from backend.config import Settings
 from backend.errors import ModelLoadError
-from backend.models.fingerprint import file_sha256, weights_fingerprint
+from backend.models.conversion import convert_gguf, is_converted
+from backend.models.fingerprint import weights_fingerprint
 from backend.models.sources import ModelSource
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we run our own worker threads
 Progress = Callable[[float, str], None]
-_conversion_lock = threading.Lock()
 
 
 @dataclass
@@ -65,7 +63,7 @@ def _dtype_for(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _is_causal(config) -> bool:
+def is_causal(config) -> bool:
     if getattr(config, "is_encoder_decoder", False):
         raise ModelLoadError(
             "Encoder-decoder models (T5, BART...) are not supported: pick an encoder or a decoder LM."
@@ -75,37 +73,6 @@ def _is_causal(config) -> bool:
     # GGUF configs carry no architectures: decide by model type (BERT-likes are masked LMs).
     return (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
             and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-
-
-def _convert_gguf(source: ModelSource, settings: Settings, progress: Progress) -> Path:
-    """Safetensors copy of a GGUF model under cache/models/<sha256>, made once."""
-    gguf_path = source.path / source.gguf_file
-    target = settings.converted_models_dir / file_sha256(gguf_path)
-    with _conversion_lock:
-        if (target / "config.json").is_file():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        progress(0.05, "De-quantising the GGUF file (once per model; later loads are fast)")
-        kwargs = dict(gguf_file=source.gguf_file, attn_implementation="eager")
-        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        progress(0.3, "De-quantising the GGUF weights")
-        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
-        auto = AutoModelForCausalLM if _is_causal(config) else AutoModel
-        model = auto.from_pretrained(source.path, **kwargs)
-        # Drop the GGUF quantizer so the weights save as plain safetensors.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        # A private temporary folder, renamed into place: a crash leaves no half copy, and a
-        # second process converting the same file at once cannot disturb this one.
-        partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{target.name}.partial-"))
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        try:
-            partial.rename(target)
-        except OSError:  # another process finished first: use its copy
-            shutil.rmtree(partial, ignore_errors=True)
-        return target
 
 
 def _load_config(where: str | Path):
@@ -144,8 +111,9 @@ def load_model(source: ModelSource, settings: Settings,
                progress: Progress = lambda f, s: None) -> LoadedModel:
     """Load weights and tokenizer on the configured device with eager attention."""
     device = pick_device(settings)
+    converting = bool(source.gguf_file) and not is_converted(source, settings)
     if source.gguf_file:
-        folder = _convert_gguf(source, settings, progress)
+        folder = convert_gguf(source, settings, lambda f, stage: progress(0.9 * f, stage))
     else:
         folder = _hub_folder(source) if source.kind == "hub" else source.path
         if not any(folder.glob("*.safetensors")):
@@ -154,9 +122,9 @@ def load_model(source: ModelSource, settings: Settings,
                 "code when loaded and are refused: convert them to safetensors first."
             )
     fingerprint = source_fingerprint(source)
-    progress(0.6, "Loading weights")
+    progress(0.9 if converting else 0.0, "Loading weights")
     config = _load_config(folder)
-    causal = _is_causal(config)
+    causal = is_causal(config)
     auto = AutoModelForCausalLM if causal else AutoModel
     try:
         model = auto.from_pretrained(folder, attn_implementation="eager", use_safetensors=True,

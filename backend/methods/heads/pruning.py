@@ -82,13 +82,14 @@ def pruning_curve(model: nn.Module, input_ids: torch.Tensor, method: str = "grad
         ranked = _recomputed_order(model, ids, method, loss_fn, counts, progress)
     else:
         if importance is None:
-            first = (lambda f, s: progress(0.5 * f, s)) if progress else None
+            first = (lambda f, s: progress(0.5 * f, f"Ranking heads: {s}")) if progress else None
             raw = raw_importance(model, ids, method, loss_fn, progress=first)
             importance = normalize_importance(raw, "layer")
         ranked = np.argsort(np.asarray(importance).ravel(), kind="stable")
     orders = {"importance": ranked,
               "random": np.random.default_rng(seed).permutation(shape[0] * shape[1])}
     gates = torch.cat([gates_for_order(o, counts, shape) for o in orders.values()])
-    stage = (lambda f, s: progress(0.5 + 0.5 * f, s)) if progress else None
+    # Each half names itself: its counters restart ("Gate settings 1/42" after ".../271").
+    stage = (lambda f, s: progress(0.5 + 0.5 * f, f"Masked heads: {s}")) if progress else None
     losses = loss_under_gates(model, ids, gates, loss_fn, progress=stage).reshape(len(orders), -1)
     return PruningCurve(fractions, dict(zip(orders, losses)), orders)
