@@ -8,6 +8,8 @@ ATLAS_DEVICE      "cpu", "cuda", "cuda:1"... (default: cuda when present, else c
 ATLAS_ALLOW_HUB   "0" refuses hub ids (default "1": load them when the hub or its cache has them)
 ATLAS_CONVERTED_DIR  where GGUF models converted to safetensors are kept (default: <cache>/models)
 ATLAS_LESSONS_DIR the folder of lesson files the Lessons page lists (default: ./lessons)
+ATLAS_MEMORY_BUDGET_MB  memory the service may keep results in for all sessions, besides the
+                  loaded models (default: 1024)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Settings:
     allow_hub: bool = True
     converted_dir: Path | None = None
     lessons_dir: Path = REPO_ROOT / "lessons"
+    memory_budget_mb: int = 1024
 
     @property
     def database_path(self) -> Path:
@@ -54,4 +57,5 @@ class Settings:
             if env.get("ATLAS_CONVERTED_DIR") else None,
             lessons_dir=Path(env.get("ATLAS_LESSONS_DIR", REPO_ROOT / "lessons")).expanduser()
             .resolve(),
+            memory_budget_mb=int(env.get("ATLAS_MEMORY_BUDGET_MB", "1024")),
         )

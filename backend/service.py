@@ -6,14 +6,11 @@ tensors stay here and leave only as the slice or aggregate a view shows.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 import hashlib
 import io
 import tempfile
-import threading
 import zipfile
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from backend.analyses.thought_anchors import (PUBLISHED_FILES, as_published_trac
 from backend.comparison import Comparisons
 from backend.config import Settings
 from backend.errors import InputError
+from backend.memory_budget import BoundedCache
 from backend.methods.binning import BinnedMatrix, bin_matrix
 from backend.methods.rollout import attention_rollout, exclude_first_token
 from backend.methods.thought_anchors.graph import incoming, top_links
@@ -45,35 +43,13 @@ class Ticket:
     job_id: str | None = None
 
 
-class _LayerCache:
-    """Recently used attention layers in memory, bounded by bytes (shared by all sessions)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key, load):
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        value = load()
-        with self._lock:
-            self._items[key] = value
-            while sum(v.nbytes for v in self._items.values()) > self.max_bytes and \
-                    len(self._items) > 1:
-                self._items.popitem(last=False)
-        return value
-
-
 class AtlasService(Comparisons):
     def __init__(self, settings: Settings | None = None, store: Store | None = None,
                  worker: Worker | None = None):
         self.settings = settings or Settings.from_env()
         self.store = store or Store(self.settings.database_path)
         self.worker = worker or Worker(self.settings)
-        self._layers = _LayerCache(max_bytes=1 << 30)
+        self._memory = BoundedCache(self.settings.memory_budget_mb << 20)
 
     # --- requests -------------------------------------------------------------------------
     def submit(self, request: AnalysisRequest) -> Ticket:
@@ -190,7 +166,7 @@ class AtlasService(Comparisons):
 
     def attention_layer(self, aid: str, layer: int) -> np.ndarray:
         """(head, query, key) float16 attention of one layer."""
-        return self._layers.get((aid, layer),
+        return self._memory.get(("layer", aid, layer),
                                 lambda: self.store.load_array(aid, layer_array_name(layer)))
 
     def attention_matrix(self, aid: str, layer: int, head: int | None,
@@ -220,10 +196,10 @@ class AtlasService(Comparisons):
         return np.stack([self.attention_layer(aid, layer) for layer in range(meta["n_layers"])],
                         dtype=np.float32)
 
-    @functools.lru_cache(maxsize=8)
     def rollout(self, aid: str, head_fusion: str = "mean") -> np.ndarray:
         """Attention rollout after each layer, (layer, query, key) (Abnar & Zuidema)."""
-        return attention_rollout(self.attention(aid), head_fusion)
+        return self._memory.get(("rollout", aid, head_fusion),
+                                lambda: attention_rollout(self.attention(aid), head_fusion))
 
     @staticmethod
     def bin(matrix: np.ndarray, bins: int) -> BinnedMatrix:

@@ -12,11 +12,12 @@ import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 from backend.analyses import AnalysisRequest
-from backend.errors import AtlasError
+from backend.errors import AtlasError, InputError
 from backend.models import PACKAGED
 from backend.service import AtlasService
 from backend.store import AnalysisRecord
 from backend.worker import JobStatus
+from pages import kind_views, view_state
 
 PAGES_DIR = Path(__file__).resolve().parent  # absolute: the app may be started from anywhere
 # name (the file pages/<name>.py, also its URL path): (title, icon); the first is the default.
@@ -36,8 +37,6 @@ COMPARE_PARAM = "b"  # the second analysis of a comparison
 OTHER_MODEL = "other"
 MODEL_LABELS = {**{alias: f"{m.label} (offline)" for alias, m in PACKAGED.items()},
                 OTHER_MODEL: "Other: hub id, local folder or .gguf file"}
-
-_ANALYSIS_ID = re.compile(r"^[0-9a-f]{24}$")
 
 
 def page(name: str) -> st.Page:
@@ -150,8 +149,8 @@ def derived(request: AnalysisRequest, label: str) -> str | None:
     return None
 
 
-def require_analysis() -> AnalysisRecord | None:
-    """The current analysis, or a clear message why there is none."""
+def require_analysis(kinds: tuple[str, ...] = kind_views.ATTENTION) -> AnalysisRecord | None:
+    """The current analysis if it is of one of `kinds`, or a clear message why there is none."""
     aid = current_analysis_id()
     if not aid:
         if "job_id" in st.session_state:
@@ -159,19 +158,28 @@ def require_analysis() -> AnalysisRecord | None:
         else:
             st.info("Enter a text in the sidebar and press **Analyse**.")
         return None
-    return load_analysis(aid)
+    return load_analysis(aid, kinds)
 
 
-def load_analysis(aid: str) -> AnalysisRecord | None:
-    """The analysis `aid` (from a link), or a clear message why it cannot be shown."""
-    if not _ANALYSIS_ID.match(aid):
-        st.error("This link's analysis id is malformed: it should be 24 hexadecimal characters.")
-        return None
+def load_analysis(aid: str, kinds: tuple[str, ...] = kind_views.ATTENTION
+                  ) -> AnalysisRecord | None:
+    """The analysis `aid` (from a link) if it is of one of `kinds`, or a clear message why it
+    cannot be shown here (with a link to the view that can)."""
     try:
-        return service().analysis(aid)
+        record = service().analysis(view_state.check_analysis_id(aid))
+    except InputError as e:
+        st.error(str(e))
+        return None
     except AtlasError as e:
         st.warning(f"{e} It may have been computed on another server: analyse the text again.")
         return None
+    if record.kind in kinds:
+        return record
+    where = kind_views.redirect(record, kinds, service().cached)
+    st.warning(where.message)
+    st.page_link(page(where.page), label=where.label, icon=":material/arrow_forward:",
+                 query_params=where.query)
+    return None
 
 
 def model_picker(label: str, key: str, other_key: str) -> str:

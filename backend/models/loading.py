@@ -25,7 +25,7 @@ from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_
 from backend.config import Settings
 from backend.errors import ModelLoadError
 from backend.models.fingerprint import file_sha256, weights_fingerprint
-from backend.models.sources import ModelSource
+from backend.models.sources import ModelSource, check_config
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we run our own worker threads
@@ -148,6 +148,7 @@ def load_model(source: ModelSource, settings: Settings,
         folder = _convert_gguf(source, settings, progress)
     else:
         folder = _hub_folder(source) if source.kind == "hub" else source.path
+        check_config(folder, source.ref)
         if not any(folder.glob("*.safetensors")):
             raise ModelLoadError(
                 f"'{source.ref}' has no safetensors weights. Pickle checkpoints (.bin) can run "
