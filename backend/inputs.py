@@ -14,6 +14,7 @@ from backend.errors import InputError
 
 MAX_TEXT_CHARS = 100_000
 MAX_REFERENCE_CHARS = 1_000
+MAX_UPLOAD_BYTES = 50 << 20  # per uploaded file; published trace files are well under 5 MB
 _ALLOWED_CONTROLS = {"\t", "\n", "\r"}
 
 
@@ -61,3 +62,24 @@ def check_reference(value: object) -> str:
     if bad:
         raise InputError(f"The model reference contains {bad}: it cannot name a model.")
     return value
+
+
+def check_upload(files: dict[str, bytes], max_bytes: int = MAX_UPLOAD_BYTES) -> None:
+    """InputError for an uploaded file over the size limit."""
+    for name, data in files.items():
+        if len(data) > max_bytes:
+            raise InputError(f"{name} has {len(data) / 2**20:.1f} MiB; the limit is "
+                             f"{max_bytes / 2**20:.0f} MiB per file.")
+
+
+def check_strings(value: object, field: str) -> None:
+    """check_text on every string inside parsed JSON (dicts, lists), empty ones allowed."""
+    if isinstance(value, str):
+        check_text(value, field, max_chars=MAX_UPLOAD_BYTES, required=False)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_strings(key, field)
+            check_strings(item, field)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_strings(item, field)

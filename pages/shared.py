@@ -12,12 +12,12 @@ import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 from backend.analyses import AnalysisRequest
-from backend.errors import AtlasError, InputError
+from backend.errors import AtlasError, CacheFileError, InputError
 from backend.models import PACKAGED
 from backend.service import AtlasService
 from backend.store import AnalysisRecord
 from backend.worker import JobStatus
-from pages import kind_views, view_state
+from pages import cache_recovery, kind_views, view_state
 
 PAGES_DIR = Path(__file__).resolve().parent  # absolute: the app may be started from anywhere
 # name (the file pages/<name>.py, also its URL path): (title, icon); the first is the default.
@@ -47,9 +47,18 @@ def page(name: str) -> st.Page:
 
 
 @st.cache_resource
-def service() -> AtlasService:
-    """One service (store connection, worker, model pool) for all sessions of this server."""
+def _service() -> AtlasService:
     return AtlasService()
+
+
+def service() -> AtlasService:
+    """One service (store connection, worker, model pool) for all sessions of this server; if
+    the cache file cannot be opened, the page says why and offers what can be done."""
+    try:
+        return _service()
+    except CacheFileError as e:  # not cached: the next run tries again
+        cache_recovery.show(e)
+        st.stop()
 
 
 def current_analysis_id() -> str | None:
