@@ -120,7 +120,7 @@ def job_panel() -> None:
         with st.container(border=True):
             _job_progress(st.session_state["job_id"])
     if st.session_state.get("submit_error"):
-        st.error(st.session_state["submit_error"])
+        st.error(plain(st.session_state["submit_error"]))  # messages may quote user input
 
 
 @st.fragment(run_every=0.7)
@@ -140,7 +140,7 @@ def derived(request: AnalysisRequest, label: str) -> str | None:
     key = request.canonical()
     failed = st.session_state.setdefault("failed", {})
     if key in failed:
-        st.error(f"{label}: {failed[key]}")
+        st.error(plain(f"{label}: {failed[key]}"))
         if st.button("Try again", key=f"retry_{hash(key)}"):
             del failed[key]
             st.rerun()
@@ -149,7 +149,7 @@ def derived(request: AnalysisRequest, label: str) -> str | None:
         ticket = service().submit(request)
     except AtlasError as e:  # refused at once (bad input, unknown model): same as a failed job
         failed[key] = str(e)
-        st.error(f"{label}: {e}")
+        st.error(plain(f"{label}: {e}"))
         return None
     if ticket.analysis_id:
         return ticket.analysis_id
