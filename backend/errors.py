@@ -18,3 +18,19 @@ class NotFoundError(AtlasError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class CacheFileError(AtlasError):
+    """The cache file cannot be used; `path` is the file."""
+
+    def __init__(self, message: str, path):
+        super().__init__(message)
+        self.path = path
+
+
+class CacheInUseError(CacheFileError):
+    """Another process holds the cache file (DuckDB allows one writer process)."""
+
+
+class CorruptCacheError(CacheFileError):
+    """The cache file is truncated or not a DuckDB database: it can be moved aside."""

@@ -7,6 +7,7 @@ tensors stay here and leave only as the slice or aggregate a view shows.
 from __future__ import annotations
 
 from collections import Counter
+import dataclasses
 import hashlib
 import io
 import tempfile
@@ -27,6 +28,7 @@ from backend.comparison import Comparisons
 from backend.config import Settings
 from backend.errors import InputError
 from backend.examples import PUBLISHED_EXAMPLE
+from backend.inputs import check_strings, check_text, check_upload
 from backend.memory import BoundedCache
 from backend.methods.binning import BinnedMatrix, bin_edges, bin_matrix
 from backend.methods.exact import check_window
@@ -107,12 +109,19 @@ class AtlasService(Comparisons):
         if unknown:
             raise InputError(f"Not a published trace file: {', '.join(sorted(unknown))}. "
                              f"Expected some of {', '.join(PUBLISHED_FILES)}.")
+        check_upload(files)
         digest = hashlib.sha256()
         with tempfile.TemporaryDirectory() as folder:
             for name in sorted(files):  # only the known names above: no path reaches the disk
                 (Path(folder) / name).write_bytes(files[name])
                 digest.update(name.encode() + b"\0" + files[name])
-            trace = read_published_trace(folder)
+            try:
+                trace = read_published_trace(folder)
+            except InputError as e:  # the server's temporary folder means nothing to the user
+                raise InputError(str(e).replace(f" in {folder}", "").replace(
+                    folder, "The upload")) from None
+        check_strings(dataclasses.asdict(trace), "uploaded trace")
+        label = check_text(label, "label", max_chars=1_000, required=False)
         record, arrays = published_analysis(trace, label.strip() or "published trace",
                                             digest.hexdigest()[:24])
         self.store.save(record, arrays)

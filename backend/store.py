@@ -18,7 +18,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-from backend.errors import AtlasError, NotFoundError
+from backend.errors import CacheFileError, CacheInUseError, CorruptCacheError, NotFoundError
 
 # Each migration moves the schema from version i to i + 1; never edit a released one.
 MIGRATIONS: list[str] = [
@@ -92,18 +92,32 @@ def decode_array(blob: bytes) -> np.ndarray:
     return np.load(io.BytesIO(blob), allow_pickle=False)
 
 
+def _cache_file_error(path: Path, error: Exception) -> CacheFileError:
+    if "lock" in str(error).lower():
+        return CacheInUseError(
+            f"The cache {path} is in use by another process ({error}). DuckDB lets one process "
+            "use a cache file: stop the process holding it (a running app?) or set "
+            "ATLAS_CACHE_DIR to another folder.", path)
+    return CorruptCacheError(
+        f"The cache file {path} cannot be read: it is truncated or damaged ({error}). Move it "
+        "aside (it is kept, renamed) and start a new, empty cache.", path)
+
+
 class Store:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._con = duckdb.connect(str(self.path))
-        except duckdb.IOException as e:
-            raise AtlasError(f"Cannot open the cache {self.path}: {e}. DuckDB lets one process "
-                             "use a cache file: stop the process holding it (a running app?) "
-                             "or set ATLAS_CACHE_DIR to another folder.") from None
+        except duckdb.Error as e:
+            raise _cache_file_error(self.path, e) from None
         self._lock = threading.Lock()  # serialises writers; readers use their own cursors
-        self._migrate()
+        try:
+            self._migrate()
+            self.has("")  # reads the catalogue: a torn file fails here, not in a page later
+        except duckdb.Error as e:
+            self._con.close()
+            raise _cache_file_error(self.path, e) from None
 
     def close(self) -> None:
         self._con.close()

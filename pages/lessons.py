@@ -198,7 +198,6 @@ elif chosen is None:
         st.warning(f"There is no lesson '{shared.plain(slug)}' here. Pick one below.")
     gallery(found, folder)
 else:
-    raw_step = st.query_params.get(STEP, "1")
-    number = int(raw_step) if raw_step.isdecimal() else 1
+    number = shared.view_state.step_number(st.query_params.get(STEP))
     show(chosen, min(max(number, 1), len(chosen.steps)) - 1,
          st.query_params.get(PRESENT) == "true")

@@ -12,11 +12,12 @@ import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 from backend.analyses import AnalysisRequest
-from backend.errors import AtlasError
+from backend.errors import AtlasError, CacheFileError, InputError
 from backend.models import PACKAGED
 from backend.service import AtlasService
 from backend.store import AnalysisRecord
 from backend.worker import JobStatus
+from pages import cache_recovery, kind_views, view_state
 from viz.math_text import inert
 
 PAGES_DIR = Path(__file__).resolve().parent  # absolute: the app may be started from anywhere
@@ -38,8 +39,6 @@ OTHER_MODEL = "other"
 MODEL_LABELS = {**{alias: f"{m.label} (offline)" for alias, m in PACKAGED.items()},
                 OTHER_MODEL: "Other model…"}  # short: the sidebar is narrow
 
-_ANALYSIS_ID = re.compile(r"^[0-9a-f]{24}$")
-
 
 def page(name: str) -> st.Page:
     """The page `name` (its file is pages/<name>.py), for navigation and links."""
@@ -49,9 +48,18 @@ def page(name: str) -> st.Page:
 
 
 @st.cache_resource
-def service() -> AtlasService:
-    """One service (store connection, worker, model pool) for all sessions of this server."""
+def _service() -> AtlasService:
     return AtlasService()
+
+
+def service() -> AtlasService:
+    """One service (store connection, worker, model pool) for all sessions of this server; if
+    the cache file cannot be opened, the page says why and offers what can be done."""
+    try:
+        return _service()
+    except CacheFileError as e:  # not cached: the next run tries again
+        cache_recovery.show(e)
+        st.stop()
 
 
 def current_analysis_id() -> str | None:
@@ -113,7 +121,7 @@ def job_panel() -> None:
         with st.container(border=True):
             _job_progress(st.session_state["job_id"])
     if st.session_state.get("submit_error"):
-        st.error(st.session_state["submit_error"])
+        st.error(plain(st.session_state["submit_error"]))  # messages may quote user input
 
 
 @st.fragment(run_every=0.7)
@@ -133,7 +141,7 @@ def derived(request: AnalysisRequest, label: str) -> str | None:
     key = request.canonical()
     failed = st.session_state.setdefault("failed", {})
     if key in failed:
-        st.error(f"{label}: {failed[key]}")
+        st.error(plain(f"{label}: {failed[key]}"))
         if st.button("Try again", key=f"retry_{hash(key)}"):
             del failed[key]
             st.rerun()
@@ -142,7 +150,7 @@ def derived(request: AnalysisRequest, label: str) -> str | None:
         ticket = service().submit(request)
     except AtlasError as e:  # refused at once (bad input, unknown model): same as a failed job
         failed[key] = str(e)
-        st.error(f"{label}: {e}")
+        st.error(plain(f"{label}: {e}"))
         return None
     if ticket.analysis_id:
         return ticket.analysis_id
@@ -151,8 +159,8 @@ def derived(request: AnalysisRequest, label: str) -> str | None:
     return None
 
 
-def require_analysis() -> AnalysisRecord | None:
-    """The current analysis, or a clear message why there is none."""
+def require_analysis(kinds: tuple[str, ...] = kind_views.ATTENTION) -> AnalysisRecord | None:
+    """The current analysis if it is of one of `kinds`, or a clear message why there is none."""
     aid = current_analysis_id()
     if not aid:
         if "job_id" in st.session_state:
@@ -160,19 +168,28 @@ def require_analysis() -> AnalysisRecord | None:
         else:
             st.info("Enter a text in the sidebar and press **Analyse**.")
         return None
-    return load_analysis(aid)
+    return load_analysis(aid, kinds)
 
 
-def load_analysis(aid: str) -> AnalysisRecord | None:
-    """The analysis `aid` (from a link), or a clear message why it cannot be shown."""
-    if not _ANALYSIS_ID.match(aid):
-        st.error("This link's analysis id is malformed: it should be 24 hexadecimal characters.")
-        return None
+def load_analysis(aid: str, kinds: tuple[str, ...] = kind_views.ATTENTION
+                  ) -> AnalysisRecord | None:
+    """The analysis `aid` (from a link) if it is of one of `kinds`, or a clear message why it
+    cannot be shown here (with a link to the view that can)."""
     try:
-        return service().analysis(aid)
+        record = service().analysis(view_state.check_analysis_id(aid))
+    except InputError as e:
+        st.error(str(e))
+        return None
     except AtlasError as e:
         st.warning(f"{e} It may have been computed on another server: analyse the text again.")
         return None
+    if record.kind in kinds:
+        return record
+    where = kind_views.redirect(record, kinds, service().cached)
+    st.warning(where.message)
+    st.page_link(page(where.page), label=where.label, icon=":material/arrow_forward:",
+                 query_params=where.query)
+    return None
 
 
 def model_picker(label: str, key: str, other_key: str) -> str:

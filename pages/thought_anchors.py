@@ -181,10 +181,7 @@ with st.expander("Choose a trace", expanded=trace_id is None):
 trace_id = st.query_params.get(TRACE_PARAM)
 record = None
 if trace_id:
-    try:
-        record = shared.service().analysis(trace_id)
-    except shared.AtlasError as e:
-        st.warning(str(e))
+    record = shared.load_analysis(trace_id, shared.kind_views.TRACES)
 if record:
     meta, chunks = record.meta, record.meta["chunks"]
     model_label = meta.get("model_label", record.model)

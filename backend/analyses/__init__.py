@@ -5,6 +5,7 @@ named arrays to store.
 """
 
 from backend.analyses import attention, heads, long_context, rollout, thought_anchors
+from backend.analyses.params import check_params
 from backend.analyses.request import (CODE_VERSION, MAX_TEXT_CHARS, AnalysisRequest,
                                       analysis_id)
 from backend.errors import InputError
@@ -35,9 +36,11 @@ def compute(ctx, request: AnalysisRequest, aid: str, store):
 
 
 def validate(request: AnalysisRequest) -> None:
+    """InputError for an unknown kind, a bad text or a bad parameter, before any job."""
     if request.kind not in ANALYSES:
         raise InputError(f"Unknown analysis kind '{request.kind}'.")
     request.validate()
+    check_params(request.kind, request.params)
 
 
 __all__ = ["ANALYSES", "CODE_VERSION", "MAX_TEXT_CHARS", "AnalysisRequest", "analysis_id",

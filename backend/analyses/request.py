@@ -12,10 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend.errors import InputError
+from backend.inputs import MAX_TEXT_CHARS, check_text
 
 CODE_VERSION = 3  # bump when a computation's results change
-MAX_TEXT_CHARS = 100_000
 
 
 @dataclass(frozen=True)
@@ -30,18 +29,16 @@ class AnalysisRequest:
 
     @classmethod
     def make(cls, kind: str, model: str, text: str, **params: Any) -> "AnalysisRequest":
-        return cls(kind, model.strip(), text, tuple(sorted(params.items())))
+        # Non-strings pass through unchanged so that validation names them.
+        return cls(kind, model.strip() if isinstance(model, str) else model, text,
+                   tuple(sorted(params.items())))
 
     def canonical(self) -> str:
         return json.dumps({"kind": self.kind, "model": self.model, "text": self.text,
                            "params": dict(self.params)}, sort_keys=True, ensure_ascii=False)
 
     def validate(self) -> None:
-        if not self.text.strip():
-            raise InputError("The text is empty: type or pick a text to analyse.")
-        if len(self.text) > MAX_TEXT_CHARS:
-            raise InputError(f"The text has {len(self.text):,} characters; the limit is "
-                             f"{MAX_TEXT_CHARS:,}.")
+        check_text(self.text)
 
 
 def analysis_id(request: AnalysisRequest, fingerprint: str) -> str:

@@ -24,7 +24,7 @@ from backend.config import Settings
 from backend.errors import ModelLoadError
 from backend.models.conversion import convert_gguf, is_converted
 from backend.models.fingerprint import weights_fingerprint
-from backend.models.sources import ModelSource
+from backend.models.sources import ModelSource, check_config
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we run our own worker threads
@@ -116,6 +116,7 @@ def load_model(source: ModelSource, settings: Settings,
         folder = convert_gguf(source, settings, lambda f, stage: progress(0.9 * f, stage))
     else:
         folder = _hub_folder(source) if source.kind == "hub" else source.path
+        check_config(folder, source.ref)
         if not any(folder.glob("*.safetensors")):
             raise ModelLoadError(
                 f"'{source.ref}' has no safetensors weights. Pickle checkpoints (.bin) can run "

@@ -7,6 +7,7 @@ anything, refusing local paths outside the configured model folders.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from backend.config import Settings
 from backend.errors import ModelLoadError
+from backend.inputs import check_reference
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -89,7 +91,7 @@ def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
 
 
 def resolve_source(ref: str, settings: Settings) -> ModelSource:
-    ref = (ref or "").strip()
+    ref = check_reference(ref or "")
     if not ref:
         raise ModelLoadError("No model given: pick one of the offline models or type a hub id.")
     if ref in PACKAGED:
@@ -122,6 +124,27 @@ def _resolve_local(ref: str, settings: Settings) -> ModelSource:
         return ModelSource(ref, "gguf", path.name, path.parent, path.name)
     if not path.is_dir():
         raise ModelLoadError(f"Model folder '{ref}' not found in the model folders.")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"'{ref}' has no config.json: not a HuggingFace model folder.")
+    check_config(path, ref)
     return ModelSource(ref, "local", path.name, path)
+
+
+def check_config(folder: Path, ref: str) -> None:
+    """Refuse a model folder's config.json for what is actually wrong with it: not JSON, not an
+    object, or an architecture that only the folder's own Python code defines."""
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"'{ref}' has no config.json: not a HuggingFace model folder.")
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"The config.json of '{ref}' is not valid JSON ({e}): fix or "
+                             "replace the file.") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"The config.json of '{ref}' is not a JSON object of settings.")
+    from transformers import CONFIG_MAPPING  # only here: resolving aliases needs no torch
+
+    if config.get("model_type") not in CONFIG_MAPPING and (config.get("auto_map")
+                                                            or "trust_remote_code" in config):
+        raise ModelLoadError(
+            f"'{ref}' asks for remote code (its config.json maps its architecture to Python files "
+            "in the folder). This server never runs code that comes with a model: use a model "
+            "whose architecture transformers ships.")
