@@ -104,6 +104,7 @@ def _heatmap(aid: str, labels: list[str], layer: int, head, title: str, scale: s
     (q0, q1), (k0, k1) = queries, keys
     if no_sink:
         k0 = max(k0, 1)
+        k1 = max(k1, k0)
     if q1 - q0 + 1 <= DETAIL_MAX and k1 - k0 + 1 <= DETAIL_MAX:
         if no_sink:  # renormalising needs each row's whole mass: take full rows of the window
             rows = service.attention_matrix(aid, layer, head, slice(q0, q1 + 1))

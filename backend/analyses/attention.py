@@ -23,7 +23,7 @@ from backend.methods.reductions import ROLE_NAMES, BlockMeans, HeadStatistics
 from backend.methods.tokens import model_context, tokenize
 from backend.store import AnalysisRecord
 
-OVERVIEW_BINS = 128
+OVERVIEW_BINS = 64  # what Explore draws; thumbnails pool these further
 
 
 def layer_array_name(layer: int) -> str:

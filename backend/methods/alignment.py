@@ -79,6 +79,21 @@ def align(a: Side, b: Side, level: str) -> Alignment:
     return _pair(*units_a, *units_b, joiner=" ")
 
 
+def unit_spans(membership: np.ndarray) -> np.ndarray:
+    """(unit, 2) half-open token span of each unit of a (unit, tokens) 0/1 membership whose
+    units are runs of consecutive tokens in token order (as `align` makes them)."""
+    spans = []
+    for row in np.asarray(membership):
+        tokens = np.flatnonzero(row)
+        if len(tokens) == 0 or tokens[-1] - tokens[0] + 1 != len(tokens):
+            raise ValueError("Each unit must be one run of consecutive tokens, in token order.")
+        spans.append((tokens[0], tokens[-1] + 1))
+    spans = np.array(spans, dtype=np.int64).reshape(-1, 2)
+    if (spans[1:, 0] < spans[:-1, 1]).any():
+        raise ValueError("Each unit must be one run of consecutive tokens, in token order.")
+    return spans
+
+
 def aligned_attention(attention: np.ndarray, membership: np.ndarray) -> np.ndarray:
     """(..., query, key) attention of one side -> (..., unit, unit): query rows averaged over a
     unit's tokens, key columns summed. membership: (unit, tokens) 0/1; each unit is a run of

@@ -23,6 +23,12 @@ def jensen_shannon(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.clip(entropy / np.log(2), 0.0, 1.0)
 
 
+def row_divergence_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(..., query, key) x (..., query, key) -> (...) Jensen-Shannon divergence summed over the
+    queries (rows of full attention maps, which all carry mass): chunks of rows add up."""
+    return jensen_shannon(a, b).sum(-1)
+
+
 def mean_row_divergence(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(..., query, key) x (..., query, key) -> (...) Jensen-Shannon divergence of each query's
     row, averaged over the queries with attention on both sides."""

@@ -48,6 +48,15 @@ class AttentionRule:
             ok &= distance < self.window if self.causal else distance.abs() < self.window
         return ok
 
+    def edge_ranges(self, start: int, stop: int, first: int,
+                    last: int) -> list[tuple[int, int]]:
+        """Key ranges inside [first, last) where some query of [start, stop) is masked; every
+        other key is seen by every query of the chunk, so only these columns need the mask."""
+        ranges = [(start + 1 if self.causal else start + (self.window or last), last)]
+        if self.window is not None:
+            ranges.append((first, stop - self.window))
+        return [(max(a, first), min(b, last)) for a, b in ranges if min(b, last) > max(a, first)]
+
     def key_range(self, start: int, stop: int, n_tokens: int) -> tuple[int, int]:
         """The keys queries [start, stop) can see at all (others are skipped, not masked)."""
         first = 0 if self.window is None else max(0, start - self.window + 1)
@@ -80,8 +89,10 @@ def logits(query: torch.Tensor, key: torch.Tensor, rule: AttentionRule, queries:
         scores = torch.tanh(scores / rule.softcap) * rule.softcap
     device = scores.device
     q_pos = torch.arange(queries.start, queries.stop, device=device)
-    k_pos = torch.arange(keys.start, keys.stop, device=device)
-    return scores.masked_fill_(~rule.allowed(q_pos, k_pos), -torch.inf)
+    for a, b in rule.edge_ranges(queries.start, queries.stop, keys.start, keys.stop):
+        block = scores[..., a - keys.start:b - keys.start]
+        block.masked_fill_(~rule.allowed(q_pos, torch.arange(a, b, device=device)), -torch.inf)
+    return scores
 
 
 def sink_logits(rule: AttentionRule, heads: torch.Tensor | None, n_heads: int,

@@ -173,6 +173,8 @@ class LayerRecorder:
             k0, k1 = rule.key_range(q0, q1, n_tokens)
             scores = exact.logits(q, k, rule, slice(q0, q1), slice(k0, k1), dtype=q.dtype)
             lse[:, q0:q1] = exact.row_lse(scores, sinks)
+            if output is None and not reducers:
+                continue
             p = scores.sub_(lse[:, q0:q1, None]).exp_()  # in place: one chunk alive
             if output is not None:
                 values = exact.expand_heads(v, None, n_heads)[:, k0:k1]

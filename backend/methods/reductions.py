@@ -48,7 +48,9 @@ class BlockMeans:
 
     def update(self, q0: int, k0: int, p: torch.Tensor) -> None:
         n_keys = p.shape[-1]
-        running = p.cumsum(-1)  # (head, query, key): mass on keys k0 .. k
+        # (head, query, key) mass on keys k0 .. k; float64 so that a block's sum, a difference
+        # of two running sums, keeps its small values after a large sink.
+        running = torch.cumsum(p, -1, dtype=torch.float64)
         ends = torch.as_tensor(self.k_spans - k0, device=p.device).clamp(0, n_keys)
         def before(x):  # mass on keys < k0 + x, (head, query, span)
             picked = running.index_select(-1, (x - 1).clamp(min=0))
@@ -56,7 +58,7 @@ class BlockMeans:
         key_sums = before(ends[:, 1]) - before(ends[:, 0])
         rows = self.q_index[q0:q0 + p.shape[1]]
         inside = rows >= 0
-        self.sums.index_add_(1, rows[inside], key_sums[:, inside].double())
+        self.sums.index_add_(1, rows[inside], key_sums[:, inside])
 
     def result(self) -> np.ndarray:
         sizes = (np.diff(self.q_spans)[:, 0][:, None] * np.diff(self.k_spans)[:, 0][None, :])

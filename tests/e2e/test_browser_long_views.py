@@ -3,9 +3,12 @@ and a head-grid click that keeps the sidebar's text."""
 
 from __future__ import annotations
 
+import io
 import re
 from urllib.parse import parse_qs, urlparse
 
+import numpy as np
+from PIL import Image
 from playwright.sync_api import expect
 
 from tests.e2e.conftest import wait_idle
@@ -19,14 +22,19 @@ def params(page) -> dict[str, list[str]]:
     return parse_qs(urlparse(page.url).query)
 
 
-def plot_point(page, fx: float, fy: float, size: int = 520) -> tuple[float, float]:
-    """A point at fractions of the first chart's plot area: the plot is `size` pixels square,
-    left of the colour legend and below the title."""
-    box = page.locator(f"{CHART} canvas").first.bounding_box()
-    legend = box["width"] - size
-    left = box["x"] + legend * 0.42  # y axis on the left, legend on the right
-    top = box["y"] + 24  # below the title
-    return left + fx * size, top + fy * size
+def plot_area(page) -> dict[str, float]:
+    """The first chart's plot area in page pixels: the columns and rows of its canvas that are
+    mostly coloured (the blocks), found in a screenshot."""
+    canvas = page.locator(f"{CHART} canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    pixels = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), dtype=int)
+    coloured = (pixels.max(axis=2) - pixels.min(axis=2)) > 12  # blues, not white or grey text
+    scale = pixels.shape[1] / box["width"]
+    columns = np.flatnonzero(coloured.mean(axis=0) > 0.5)
+    rows = np.flatnonzero(coloured[:, columns].mean(axis=1) > 0.5)
+    return {"x": box["x"] + columns[0] / scale, "width": (columns[-1] - columns[0]) / scale,
+            "y": box["y"] + rows[0] / scale, "height": (rows[-1] - rows[0]) / scale}
 
 
 def test_zoom_from_an_off_diagonal_block_keeps_its_keys(page, app_url):
@@ -34,9 +42,9 @@ def test_zoom_from_an_off_diagonal_block_keeps_its_keys(page, app_url):
     page.get_by_role("link", name="Explore", exact=True).click()
     wait_idle(page)
     n = int(page.get_by_role("slider").nth(1).get_attribute("aria-valuemax")) + 1
-    page.locator(CHART).first.scroll_into_view_if_needed()
-    x, y = plot_point(page, 0.15, 0.85)  # queries near the end, keys near the start
-    page.mouse.click(x, y)
+    plot = plot_area(page)
+    # Queries near the end, keys near the start: a block below the diagonal, far from it.
+    page.mouse.click(plot["x"] + 0.15 * plot["width"], plot["y"] + 0.85 * plot["height"])
     wait_idle(page)
     expect(page).to_have_url(re.compile(r"split=true"))
     query = [int(v) for v in params(page)["window"]]
@@ -70,12 +78,15 @@ def test_head_grid_click_opens_explore_with_the_analysed_text(page, app_url):
     canvas = page.locator(f"{CHART} canvas").first
     canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
-    # 9 heads in cells of 96 px (the grid's width): the plot ends at the canvas' right edge.
-    cell = 96
-    x = box["x"] + box["width"] - 9 * cell + 2.5 * cell - 6
-    y = box["y"] + 60 + 1.5 * cell
+    # 30 layers x 9 heads in cells of 84 px (the page's grid width / 9): the plot ends 5 px
+    # (Vega's padding) before the canvas' right and bottom edges. Click layer 1, head 2.
+    cell = 84
+    left = box["x"] + box["width"] - 5 - 9 * cell
+    top = box["y"] + box["height"] - 5 - 30 * cell
+    x, y = left + 2.5 * cell, top + 1.5 * cell
     page.mouse.click(x, y)
     wait_idle(page)
     expect(page).to_have_url(re.compile(r"/explore\?"))
-    assert params(page)["a"] == [aid] and "layer" in params(page) and "head" in params(page)
+    assert params(page)["a"] == [aid]
+    assert params(page)["layer"] == ["1"] and params(page)["head"] == ["2"]
     expect(page.get_by_label("Text")).to_have_value(MEDIUM)

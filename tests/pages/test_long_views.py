@@ -219,12 +219,12 @@ def test_rollout_follows_a_target_beyond_the_full_matrix_limit(service, medium, 
 
 
 def long_text(tokens: int) -> str:
-    """Varied prose of at least `tokens` SmolLM2 tokens (about 11 per sentence)."""
+    """Varied prose of about `tokens` SmolLM2 tokens (13.4 per sentence)."""
     subjects = ["The river", "A farmer", "The council", "Her brother", "The old mill"]
     verbs = ["carried", "sold", "mended", "painted", "counted"]
     objects = ["the grain", "a boat", "the bridge", "three fences", "the bells"]
     return " ".join(f"{subjects[i % 5]} {verbs[(i // 5) % 5]} {objects[(i // 25) % 5]} in "
-                    f"year {1000 + i}." for i in range(tokens // 9))
+                    f"year {1000 + i}." for i in range(tokens // 13))
 
 
 def test_a_new_user_explores_a_6000_token_text(service):
@@ -255,4 +255,4 @@ def test_a_new_user_explores_a_6000_token_text(service):
     assert not at.exception and not at.error
     assert at.selectbox(key="target").value == last
     shown = reading_text(" ".join(str(h.proto.body) for h in at.get("html")))
-    assert f"year {1000 + 6000 // 9 - 1}." in shown
+    assert f"year {1000 + 6000 // 13 - 1}." in shown

@@ -1,7 +1,7 @@
 """Forward passes that feed the white-box Thought Anchors methods (spec sections 3 and 4).
 
 `receiver_pass`: one forward pass over prompt + trace; each layer's attention is reduced to
-sentence blocks as soon as that layer has run, so at most one layer's (head, T, T) is alive.
+sentence blocks a chunk of queries at a time (`qk_capture`), so no (head, T, T) map is alive.
 
 `suppression_log_kl`: a baseline pass and one pass per chunk i in which every query of every layer
 and head is blind to the keys of chunk i. All passes go through the same code path: a 4D additive
@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from ..capture import capture_attention
+from ..qk_capture import UnsupportedAttention, capture_layers
+from ..reductions import BlockMeans
 from .receivers import sentence_attention
 from .suppression import (
     MAX_TOKENS, TEMPERATURE, TOP_P, TopP, compress_top_p, normalize_suppression,
@@ -58,19 +60,28 @@ def receiver_pass(model: nn.Module, input_ids, token_spans: Sequence[Span],
 
     input_ids: (1, T). token_spans: n half-open token spans of the chunks. Returns
     (layer, head, n, n) float32, A[l, h, q, k] = mean attention of the tokens of chunk q to the
-    tokens of chunk k (`sentence_attention`). Each layer's (head, T, T) weights are reduced inside
-    the capture hook, a block of heads at a time, and dropped before the next layer runs.
+    tokens of chunk k (`sentence_attention`). The long-context capture computes the blocks from
+    exact weights a chunk of queries at a time, so no layer's (head, T, T) ever exists; models
+    it does not cover fall back to eager weights, reduced a block of heads at a time.
     """
     input_ids = _as_batch(input_ids)
-    seq_len = input_ids.shape[1]
-    heads_per_block = max(1, HEAD_BLOCK_BYTES // (4 * seq_len * seq_len))
 
-    def reduce(layer: int, weights: torch.Tensor) -> np.ndarray:  # (1, head, T, T)
-        blocks = [sentence_attention(weights[0, h : h + heads_per_block], token_spans)
-                  for h in range(0, weights.shape[1], heads_per_block)]
-        return torch.cat(blocks).cpu().numpy()  # (head, n, n)
+    def blocks(layer, n_heads, n_tokens, device):
+        return [BlockMeans(token_spans, token_spans, n_heads, n_tokens, device)]
 
-    layers = capture_attention(model, input_ids, reduce=reduce, progress=progress)
+    try:
+        layers = [layer.reductions[0] for layer in capture_layers(
+            model, input_ids, blocks, keep_qk=False, progress=progress)]
+    except UnsupportedAttention:
+        seq_len = input_ids.shape[1]
+        heads_per_block = max(1, HEAD_BLOCK_BYTES // (4 * seq_len * seq_len))
+
+        def reduce(layer: int, weights: torch.Tensor) -> np.ndarray:  # (1, head, T, T)
+            parts = [sentence_attention(weights[0, h : h + heads_per_block], token_spans)
+                     for h in range(0, weights.shape[1], heads_per_block)]
+            return torch.cat(parts).cpu().numpy()  # (head, n, n)
+
+        layers = capture_attention(model, input_ids, reduce=reduce, progress=progress)
     return np.stack(layers).astype(np.float32)
 
 
