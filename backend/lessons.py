@@ -35,6 +35,7 @@ import yaml
 
 from backend.analyses import AnalysisRequest
 from backend.analyses.heads import METHODS, ROLES
+from backend.analyses.long_context import probe_request
 from backend.analyses.rollout import AUTO_FLOW_TOKENS
 from backend.analyses.thought_anchors import WORKED_EXAMPLE
 from backend.errors import InputError
@@ -43,7 +44,7 @@ from backend.methods.rollout import HEAD_FUSIONS
 
 # Pages a step may show (the names of their files and links).
 VIEW_PAGES = ("explore", "head_grid", "head_importance", "rollout", "thought_anchors", "compare",
-              "bertviz_views")
+              "bertviz_views", "long_context_heads")
 FIELDS = ("view", "look", "question", "caveat")
 _FIELD = re.compile(rf"^({'|'.join(FIELDS)}):\s*(.*)$", re.IGNORECASE)
 _HEADER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n", re.DOTALL)
@@ -216,6 +217,8 @@ def step_requests(lesson: Lesson, step: Step, service) -> Iterator[AnalysisReque
         prune = params.get("hi_prune") if params.get("hi_prune") in METHODS else METHODS[0]
         yield AnalysisRequest.make("pruning_curve", main.model, main.text, method=prune,
                                    recompute=params.get("hi_recompute") == "true")
+    elif step.page == "long_context_heads":  # the page's own default probe of the model
+        yield probe_request(main.model)
     elif step.page == "thought_anchors" and params.get("ta_source") == WORKED_EXAMPLE:
         # (The page's default, the shipped published trace, needs no job.)
         yield from _worked_example_requests(main.model, params, service)

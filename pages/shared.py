@@ -27,6 +27,7 @@ PAGES = {
     "explore": ("Explore", ":material/grid_on:"),
     "head_grid": ("Head grid", ":material/apps:"),
     "head_importance": ("Head importance", ":material/leaderboard:"),
+    "long_context_heads": ("Long-context heads", ":material/manage_search:"),
     "rollout": ("Rollout & flow", ":material/account_tree:"),
     "thought_anchors": ("Thought Anchors", ":material/psychology:"),
     "compare": ("Compare", ":material/compare:"),

@@ -30,16 +30,13 @@ from backend.methods.tokens import model_context, readable_label
 from backend.store import AnalysisRecord
 
 KIND = "long_context_heads"
-NEEDLE = ("The secret ingredient of the lighthouse soup is smoked paprika and a spoon of "
-          "wild honey.")
-DEFAULTS = {"question": "What is the secret ingredient of the lighthouse soup?",
-            "answer_start": "The secret ingredient of the lighthouse soup is",
+NEEDLE = haystack.NEEDLE
+DEFAULTS = {"question": haystack.QUESTION, "answer_start": haystack.ANSWER_START,
             "lengths": (1000, 2000), "depths": (0.1, 0.5, 0.9), "max_new_tokens": 32,
             "bins": 128, "passkey_length": 1000, "sink": SINK_TOKENS, "recent": RECENT_TOKENS,
             "seed": 0}
 SCORES = ("retrieval", "streaming", "sink_alpha")
 EXCERPT = 48  # tokens kept on each side of the needle for the per-trial view
-PASSKEY = "The passkey is {key}. Remember it. {key} is the passkey."
 
 
 def probe_request(model: str, needle: str = NEEDLE, **params) -> AnalysisRequest:
@@ -73,15 +70,6 @@ def _settings(request: AnalysisRequest, max_tokens: int) -> dict:
 
 def _labels(tokenizer, ids: list[int]) -> list[str]:
     return [readable_label(tokenizer.decode([t])) for t in ids]
-
-
-def _passkey_trial(tokenizer, p: dict) -> tuple[list[int], int]:
-    """The passkey input with its answer appended, and where the question starts."""
-    key = str(np.random.default_rng(p["seed"]).integers(10_000, 100_000))
-    trial = haystack.build_trial(tokenizer, p["passkey_length"], 0.5, PASSKEY.format(key=key),
-                                 "What is the passkey?", "The passkey is", p["seed"] + 1)
-    answer = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
-    return trial.ids + answer, trial.question
 
 
 def _padded(rows: list[np.ndarray], fill) -> np.ndarray:
@@ -126,7 +114,7 @@ def compute_long_context_heads(ctx, request: AnalysisRequest, aid: str):
                       "generated": _labels(tok, copy.generated.tolist())})
         copies.append(copy)
     ctx.progress(0.86, f"Streaming proxy and sinks on a {p['passkey_length']:,}-token passkey")
-    ids, question_at = _passkey_trial(tok, p)
+    ids, question_at = haystack.passkey_input(tok, p["passkey_length"], p["seed"])
     errors = haystack.streaming_pass(lm.model, ids, question_at, p["sink"], p["recent"])
     ctx.progress(0.93, "Attention to the first token (sink alpha)")
     alpha = haystack.first_key_masses(lm.model, ids)

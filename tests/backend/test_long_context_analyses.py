@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend.analyses.long_context import _passkey_trial, probe_request, role_shares
+from backend.analyses.long_context import probe_request, role_shares
 from backend.errors import InputError
 from backend.methods.capture import capture_attention
 from backend.methods.heads import haystack
@@ -73,7 +73,7 @@ def test_probe_top_keys_and_sink_alpha_match_eager_attention(probe, smollm2):
     assert meta["recall"] == pytest.approx(recall)
     assert meta["accepted"] == (recall > RECALL_THRESHOLD)
     # sink alpha: mean over every query of the weight on the first token, eager, by hand
-    ids, _ = _passkey_trial(tok, params)
+    ids, _ = haystack.passkey_input(tok, params["passkey_length"], params["seed"])
     eager_alpha = np.stack([m[:, :, 0].mean(-1) for m in _eager(smollm2.model, ids)])
     np.testing.assert_allclose(service.array(aid, "sink_alpha"), eager_alpha, atol=2e-4)
 

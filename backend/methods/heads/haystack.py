@@ -49,6 +49,11 @@ _WHEN = ("near the bridge", "before the first snow", "at the market", "behind th
          "in the cold cellar", "under the oak", "before the ferry left", "at the far end of town")
 _WHY = ("", " and nobody asked why", " while the bells rang", " because the road was closed",
         " as the wind turned", " for the second time that week", " without a word")
+NEEDLE = ("The secret ingredient of the lighthouse soup is smoked paprika and a spoon of "
+          "wild honey.")
+QUESTION = "What is the secret ingredient of the lighthouse soup?"
+ANSWER_START = "The secret ingredient of the lighthouse soup is"
+PASSKEY = "The passkey is {key}. Remember it. {key} is the passkey."
 QUESTION_TEMPLATE = "\n\nBased on the text above, answer the question. Question: {question}\nAnswer:"
 
 
@@ -118,6 +123,15 @@ def build_trial(tokenizer, length: int, depth: float, needle: str, question: str
     return Trial(ids, (needle_at, needle_at + len(needle_ids)),
                  (copy_from, needle_at + len(needle_ids)),
                  len(start) + len(before) + len(needle_ids) + len(after), length, depth)
+
+
+def passkey_input(tokenizer, length: int, seed: int = 0) -> tuple[list[int], int]:
+    """A passkey haystack of at most `length` tokens with its answer appended (teacher-forced,
+    as DuoAttention's passkey data), and where its question starts."""
+    key = str(np.random.default_rng(seed).integers(10_000, 100_000))
+    trial = build_trial(tokenizer, length, 0.5, PASSKEY.format(key=key), "What is the passkey?",
+                        "The passkey is", seed + 1)
+    return trial.ids + _encode(tokenizer, " " + key), trial.question
 
 
 def _sdpa(module, query, key, value, attention_mask, scaling, is_causal, softcap, s_aux, kwargs):
