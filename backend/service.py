@@ -195,25 +195,26 @@ class AtlasService(Comparisons):
 
     def resampling_estimate(self, trace_id: str, engine: str = EMBEDDED, rollouts: int = 4,
                             chunks=None, **params) -> dict:
-        """Cost of a ta_resampling request on a trace before it starts: sentences sampled,
-        rollouts in all, already saved (reused), still to sample, and seconds at the engine's
-        measured rate (None before any run). `params`: the request's other parameters."""
+        """Cost of a ta_resampling request on a trace before it starts: sentences sampled, and
+        of their (full) rollouts: in all, already saved (reused), still to sample, seconds at
+        the engine's measured rate (None before any run); `forced_to_sample`: the short
+        forced-answer rollouts also to sample. `params`: the request's other parameters."""
         record = self.analysis(trace_id)
         request = AnalysisRequest.make("ta_resampling", record.model, record.text,
                                        **{**record.params, **params})
-        n_chunks = len(record.meta["chunks"])
-        _, sampled = resampled_chunks(n_chunks, chunks)
+        _, sampled = resampled_chunks(len(record.meta["chunks"]), chunks)
         pool = rollout_pool(request, source_fingerprint(resolve_source(record.model,
                                                                        self.settings)))
         todo = missing_rollouts(self.store, pool, sampled, int(rollouts),
                                 params.get("forced", True))
-        to_sample = sum(missing for _, missing in todo.values())
+        plain = sum(missing for (_, forced), (_, missing) in todo.items() if not forced)
         rate = next((e["rollouts_per_s"] for e in self.rollout_engines() if e["name"] == engine),
                     None)
-        return {"sentences": len(sampled), "rollouts_total": len(todo) * int(rollouts),
-                "rollouts_saved": len(todo) * int(rollouts) - to_sample,
-                "rollouts_to_sample": to_sample,
-                "seconds": to_sample / rate if rate else None}
+        total = len(sampled) * int(rollouts)
+        return {"sentences": len(sampled), "rollouts_total": total,
+                "rollouts_saved": total - plain, "rollouts_to_sample": plain,
+                "forced_to_sample": sum(m for (_, f), (_, m) in todo.items() if f),
+                "seconds": plain / rate if rate else None}
 
     # --- results --------------------------------------------------------------------------
     def analysis(self, aid: str) -> AnalysisRecord:

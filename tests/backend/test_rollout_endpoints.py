@@ -168,11 +168,14 @@ def resampling(engine: str, rollouts: int, chunks: tuple[int, ...]) -> AnalysisR
                                 max_new_tokens=10, forced=False)
 
 
-def pool_rows(svc, request) -> list[dict]:
+def pool_rows(svc, request, sentences: tuple[int, ...]) -> list[dict]:
+    """Saved rollouts of `sentences` in the request's pool (one pool for every engine: the
+    tests below share it, on different sentences)."""
     from backend.models import resolve_source, source_fingerprint
 
     fingerprint = source_fingerprint(resolve_source("smollm2", svc.settings))
-    return svc.store.load_rollouts(rollout_pool(request, fingerprint))
+    return [r for r in svc.store.load_rollouts(rollout_pool(request, fingerprint))
+            if r["chunk_idx"] in sentences]
 
 
 def test_resampling_through_the_server_is_saved_well_formed_and_extendable(endpoint_service):
@@ -182,7 +185,7 @@ def test_resampling_through_the_server_is_saved_well_formed_and_extendable(endpo
     assert all("url" not in e for e in svc.rollout_engines())  # users never see addresses
     request = resampling("serve", 2, (3,))
     aid = svc.run(request, timeout=900)
-    rows = pool_rows(svc, request)
+    rows = pool_rows(svc, request, (3, 4))
     # sentence 3 and the next one (its importance compares the two)
     assert sorted((r["chunk_idx"], r["forced"], r["rollout_idx"]) for r in rows) == [
         (i, False, k) for i in (3, 4) for k in (0, 1)]
@@ -194,11 +197,12 @@ def test_resampling_through_the_server_is_saved_well_formed_and_extendable(endpo
     assert svc.analysis(aid).meta["engine"] == "serve"
     # More rollouts later: the saved ones are kept, only the third of each is sampled.
     svc.run(resampling("serve", 3, (3,)), timeout=900)
-    again = pool_rows(svc, request)
+    again = pool_rows(svc, request, (3, 4))
     assert len(again) == 6 and all(r in again for r in rows)
     estimate = svc.resampling_estimate(_trace(svc), "serve", 5, (3,), max_new_tokens=10,
                                        forced=False)
     assert (estimate["rollouts_saved"], estimate["rollouts_to_sample"]) == (6, 4)
+    assert estimate["forced_to_sample"] == 0 and estimate["rollouts_total"] == 10
     assert estimate["seconds"] > 0  # from the rate measured above
 
 
@@ -212,11 +216,11 @@ def test_a_server_that_dies_keeps_what_it_sent_and_the_job_resumes(endpoint_serv
     request = resampling("dying", 2, (1,))
     with pytest.raises(AtlasError, match="were saved: run the analysis again to resume"):
         svc.run(request, timeout=900)
-    kept = pool_rows(svc, request)
+    kept = pool_rows(svc, request, (1, 2))
     assert len(kept) == 2  # the requests answered before it died, one rollout each
     dying.start(limit=None)  # the server is back
     svc.run(request, timeout=900)
-    rows = pool_rows(svc, request)
+    rows = pool_rows(svc, request, (1, 2))
     assert len(rows) == 4 and all(r in rows for r in kept)
 
 
@@ -228,7 +232,7 @@ def test_an_endpoint_that_does_not_answer_is_refused(endpoint_service):
 def test_an_endpoint_serving_another_model_is_refused(endpoint_service):
     with pytest.raises(AtlasError, match="serves another model"):
         endpoint_service.run(resampling("other-model", 2, (0,)), timeout=600)
-    assert not pool_rows(endpoint_service, resampling("other-model", 2, (0,)))
+    assert not pool_rows(endpoint_service, resampling("other-model", 2, (0,)), (0,))
 
 
 def test_endpoint_settings_from_json_and_toml(tmp_path, settings):
