@@ -23,7 +23,8 @@ from backend.analyses import AnalysisRequest, analysis_id
 from backend.analyses.attention import OVERVIEW_BINS
 from backend.attention_maps import open_maps, regroup
 from backend.analyses.thought_anchors import (PUBLISHED_FILES, as_published_trace,
-                                             published_analysis)
+                                             missing_rollouts, published_analysis,
+                                             resampled_chunks, rollout_pool)
 from backend.comparison import Comparisons
 from backend.config import Settings
 from backend.errors import InputError
@@ -39,6 +40,8 @@ from backend.methods.thought_anchors.graph import incoming, top_links
 from backend.methods.thought_anchors.published import (read_published_trace,
                                                        write_published_trace)
 from backend.models import resolve_source, source_fingerprint
+from backend.models.loading import pick_device
+from backend.rollouts.registry import EMBEDDED, engine_infos
 from backend.store import AnalysisRecord, Store
 from backend.worker import JobContext, JobStatus, Worker
 
@@ -172,6 +175,36 @@ class AtlasService(Comparisons):
         """(other sentence, value) linked to `sentence`: "incoming" (what affects it) or
         "outgoing" (what it affects), strongest first."""
         return incoming(matrix if direction == "incoming" else matrix.T, sentence, limit)
+
+    # --- rollout engines (Thought Anchors resampling) ---------------------------------------
+    def rollout_engines(self) -> list[dict]:
+        """Engines a user may pick, "embedded" first: name, label, kind, device, the defaults
+        (paper's on a GPU or endpoint, small on the CPU: `noisy`) and the last measured
+        rollouts/s (None before a run)."""
+        return engine_infos(self.settings, str(pick_device(self.settings)))
+
+    def resampling_estimate(self, trace_id: str, engine: str = EMBEDDED, rollouts: int = 4,
+                            chunks=None, **params) -> dict:
+        """Cost of a ta_resampling request on a trace before it starts: sentences sampled, and
+        of their (full) rollouts: in all, already saved (reused), still to sample, seconds at
+        the engine's measured rate (None before any run); `forced_to_sample`: the short
+        forced-answer rollouts also to sample. `params`: the request's other parameters."""
+        record = self.analysis(trace_id)
+        request = AnalysisRequest.make("ta_resampling", record.model, record.text,
+                                       **{**record.params, **params})
+        _, sampled = resampled_chunks(len(record.meta["chunks"]), chunks)
+        pool = rollout_pool(request, source_fingerprint(resolve_source(record.model,
+                                                                       self.settings)))
+        todo = missing_rollouts(self.store, pool, sampled, int(rollouts),
+                                params.get("forced", True))
+        plain = sum(missing for (_, forced), (_, missing) in todo.items() if not forced)
+        rate = next((e["rollouts_per_s"] for e in self.rollout_engines() if e["name"] == engine),
+                    None)
+        total = len(sampled) * int(rollouts)
+        return {"sentences": len(sampled), "rollouts_total": total,
+                "rollouts_saved": total - plain, "rollouts_to_sample": plain,
+                "forced_to_sample": sum(m for (_, f), (_, m) in todo.items() if f),
+                "seconds": plain / rate if rate else None}
 
     # --- results --------------------------------------------------------------------------
     def analysis(self, aid: str) -> AnalysisRecord:
@@ -372,21 +405,3 @@ class AtlasService(Comparisons):
         ranked = [int(i) for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
                   if np.isfinite(scores[i])]
         return sorted(ranked[:count])
-
-    # provisional until the rollout engines' own versions land (same signatures)
-    def rollout_engines(self) -> list[dict]:
-        from backend.analyses.thought_anchors import RESAMPLING_ROLLOUTS, RESAMPLING_TOKENS
-
-        return [{"name": "embedded", "label": "This server's CPU", "kind": "embedded",
-                 "device": "cpu", "default_rollouts": RESAMPLING_ROLLOUTS,
-                 "default_max_new_tokens": RESAMPLING_TOKENS, "rollouts_per_s": None,
-                 "noisy": True}]
-
-    def resampling_estimate(self, trace_id: str, engine: str, rollouts: int,
-                            chunks: list[int] | None = None,
-                            max_new_tokens: int | None = None) -> dict:
-        n = len(self.analysis(trace_id).meta["chunks"])
-        picked = range(n) if chunks is None else {j for i in chunks for j in (i, i + 1) if j < n}
-        total = rollouts * len(picked)
-        return {"sentences": len(picked), "rollouts_total": total, "rollouts_saved": 0,
-                "rollouts_to_sample": total, "seconds": None}

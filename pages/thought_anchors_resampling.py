@@ -78,13 +78,18 @@ def resampling_part(record, parts: dict) -> str | None:
     chunks = _sentences(record, parts, which)
     if chunks == []:
         return None
-    cost = service.resampling_estimate(record.id, name, rollouts, chunks, tokens)
-    saved = (f" ({cost['rollouts_saved']:,} saved already, {cost['rollouts_to_sample']:,} to "
-             "sample)" if cost["rollouts_saved"] else "")
+    cost = service.resampling_estimate(record.id, name, rollouts, chunks, max_new_tokens=tokens,
+                                       **REASONING_SAMPLING)
+    forced = cost.get("forced_to_sample", 0)
+    text = (f"{rollouts:,} rollouts × {cost['sentences']} sentences = "
+            f"{cost['rollouts_total']:,} rollouts"
+            + (f" (+ {forced:,} short forced-answer ones)" if forced else ""))
+    if cost["rollouts_saved"]:
+        text += (f"; {cost['rollouts_saved']:,} of these {cost['rollouts_total']:,} saved "
+                 f"already, {cost['rollouts_to_sample']:,} to sample")
     when = (f"about {_duration(cost['seconds'])} at the measured rate"
             if cost["seconds"] is not None else "the time is estimated once the engine has run")
-    st.markdown(f"**Expected cost:** {rollouts:,} rollouts × {cost['sentences']} sentences = "
-                f"{cost['rollouts_total']:,} rollouts{saved} · {when}")
+    st.markdown(f"**Expected cost:** {text} · {when}")
     if not st.toggle("Run the resampling", key="ta_resample", bind="query-params",
                      help="Saved as each rollout finishes: a stopped job resumes."):
         return None

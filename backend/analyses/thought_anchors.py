@@ -328,6 +328,7 @@ def published_analysis(trace, label: str, content_id: str):
             "tags": [(c.get("function_tags") or ["unknown"])[0] for c in labeled],
             "tags_source": "published", "answer": base.get("answer")
             or (trace.problem or {}).get("gt_answer"),
+            "reference_answer": (trace.problem or {}).get("gt_answer"),
             "resampled": {str(k): v for k, v in (trace.chunks_resampled or {}).items()},
             "summaries": [c.get("summary", "") for c in labeled], "model_label": label}
     record = AnalysisRecord(content_id, "ta_published", label, "published",

@@ -17,8 +17,8 @@ import numpy as np
 
 from backend.errors import AtlasError
 
-# Degenerate repetition: the last REPEAT_WINDOW tokens (at least 3 periods) all equal the token
-# `period` places before them, for some period up to REPEAT_MAX_PERIOD ("A: A: A: ...").
+# Degenerate repetition: the last REPEAT_WINDOW tokens (at least 3 periods) repeat with some
+# period up to REPEAT_MAX_PERIOD tokens ("A: A: A: ...").
 REPEAT_WINDOW = 60
 REPEAT_MAX_PERIOD = 40
 FINISH_REASONS = ("stop", "answer", "repetition", "length")
@@ -95,17 +95,16 @@ class AnswerStop:
 
 def degenerate(tokens: Sequence[int], window: int = REPEAT_WINDOW,
                max_period: int = REPEAT_MAX_PERIOD) -> bool:
-    """True when the tail is one span of at most `max_period` tokens repeated to fill the last
-    max(window, 3 x period) tokens."""
-    n = len(tokens)
-    if n < window:
+    """True when the last max(window, 3 x period) tokens repeat with a period of at most
+    `max_period` tokens (every one equals the token `period` places before it)."""
+    if len(tokens) < window:
         return False
-    tail = np.asarray(tokens[-(window + 3 * max_period):])
+    tail = np.asarray(tokens[-max(window, 3 * max_period):])
     for period in range(1, max_period + 1):
         span = max(window, 3 * period)
-        if span + period > len(tail):
+        if span > len(tail):
             break
-        part = tail[-(span + period):]
+        part = tail[-span:]
         if (part[period:] == part[:-period]).all():
             return True
     return False

@@ -28,20 +28,3 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     choice = torch.multinomial(sorted_probs, 1, generator=generator)  # renormalises
     return order.gather(-1, choice)[:, 0]
 
-
-def sample_next_threshold(logits: torch.Tensor, temperature: float, top_p: float,
-                          generator: torch.Generator | None = None,
-                          iterations: int = 32) -> torch.Tensor:
-    """`sample_next` without ranking: the top-p set is {p >= t*}, t* the largest threshold whose
-    set still holds `top_p` of the mass, found by bisection (ties at the boundary all kept)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    lo = torch.zeros(probs.shape[0], 1, device=probs.device)
-    hi = probs.amax(-1, keepdim=True) * (1 + 1e-6)
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        ok = torch.where(probs >= mid, probs, 0.0).sum(-1, keepdim=True) >= top_p
-        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
-    kept = torch.where(probs >= lo, probs, 0.0)
-    return torch.multinomial(kept, 1, generator=generator)[:, 0]

