@@ -3,6 +3,8 @@ ranking table, and the bertviz views, whose frames take their drawing's height."
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from playwright.sync_api import expect
 
@@ -81,3 +83,35 @@ def test_bertviz_frames_take_their_drawings_height(wide, app_url, view):
     assert drawing.bounding_box()["height"] > 300
     if view == "model view":  # six layers chosen, all inside the frame (checked above)
         expect(wide.locator("[data-testid='stMultiSelect'] [data-baseweb='tag']")).to_have_count(6)
+
+
+def _reruns_asked(frames: list) -> list[str]:
+    """The fragment id of every rerun the browser asked for ("" for the whole page)."""
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+
+    ids = []
+    for payload in frames:
+        if isinstance(payload, (bytes, bytearray)):
+            message = BackMsg()
+            message.ParseFromString(bytes(payload))
+            if message.HasField("rerun_script"):
+                ids.append(message.rerun_script.fragment_id)
+    return ids
+
+
+def test_the_pruning_controls_rerun_only_the_pruning_curve(wide, app_url):
+    aid = analyse(wide, app_url, TEXT)
+    frames: list = []
+    wide.on("websocket", lambda ws: ws.on("framesent", frames.append))
+    wide.goto(f"{app_url}/head_importance?a={aid}")
+    wait_idle(wide)
+    frames.clear()
+    wide.get_by_role("combobox", name="Mask heads in order of").click()
+    wide.get_by_role("option", name="confidence", exact=True).click()
+    wait_idle(wide)
+    expect(wide).to_have_url(re.compile(r"hi_prune=confidence"))
+    expect(wide.get_by_text("Heads masked by confidence")).to_be_visible()
+    asked = _reruns_asked(frames)
+    assert asked and asked[0] != "", asked              # the first rerun is the fragment's
+    link = wide.locator("[data-testid='stCode'] code").last.inner_text()
+    assert "hi_prune=confidence" in link                # the link, in the fragment, follows
