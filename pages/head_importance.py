@@ -206,6 +206,27 @@ def pruning_section(record, jobs: InTurn) -> dict:
             "loss": meta["loss"]}
 
 
+@st.fragment
+def pruning_and_export(record, jobs: InTurn, head_scores: pd.DataFrame, score: str,
+                       link: dict | None) -> None:
+    """The pruning curve with the downloads and the share link: its two controls rerun only
+    this part, not the grid, the head's details and the ranking above it."""
+    curve = pruning_section(record, jobs)
+    with st.expander("Export and share", expanded=True):
+        b1, b2 = st.columns(2)
+        b1.download_button("CSV of every head's scores",
+                           lambda: head_scores.to_csv(index=False, float_format="%.6g"),
+                           file_name=f"head_scores_{score}.csv", mime="text/csv")
+        if curve.get("losses"):
+            curve_frame = pd.DataFrame({"fraction_masked": curve["fractions"], **curve["losses"]})
+            b2.download_button("CSV of the pruning curve",
+                               lambda: curve_frame.to_csv(index=False, float_format="%.6g"),
+                               file_name=f"pruning_{curve['method']}.csv", mime="text/csv")
+        if link is not None:  # inside a lesson, the lesson shows its step's link instead
+            shared.share_link({**link, "hi_prune": curve["method"],
+                               "hi_recompute": True if curve["recompute"] else None})
+
+
 st.header("Head importance")
 record = shared.require_analysis()
 if record:
@@ -270,9 +291,8 @@ if record:
             st.info("Click a head in the grid (or pick one above) to see its attention map, its "
                     "role scores and the token pairs it attends most.")
 
-    # One below the other: side by side, the curve's plot shrank under its legend and the
-    # table's columns ran off its half of the page.
-    curve = pruning_section(record, jobs)
+    # The ranking, then the pruning curve, one below the other: side by side, the curve's plot
+    # shrank under its legend and the table's columns ran off its half of the page.
     st.subheader("Ranking")
     columns = {}
     if scores is not None:
@@ -289,26 +309,14 @@ if record:
                      name if name in ROLES else score, help=name, format="%.4f")
                      for name in columns})
     st.caption("Sorted by the chosen score, highest first. Select a row to open its head.")
-
     with st.expander("What the scores mean"):
         st.markdown(EXPLANATIONS)
-    with st.expander("Export and share", expanded=True):
-        export_columns = dict(roles)
-        if importance_id:
-            export_columns = {f"{score}_{name}": service.array(importance_id, name)
-                              for name in NORMALIZATIONS} | export_columns
-        b1, b2 = st.columns(2)
-        b1.download_button("CSV of every head's scores", lambda: scores_table(
-            n_layers, n_heads, export_columns).to_csv(index=False, float_format="%.6g"),
-            file_name=f"head_scores_{score}.csv", mime="text/csv")
-        if curve.get("losses"):
-            curve_frame = pd.DataFrame({"fraction_masked": curve["fractions"], **curve["losses"]})
-            b2.download_button("CSV of the pruning curve",
-                               lambda: curve_frame.to_csv(index=False, float_format="%.6g"),
-                               file_name=f"pruning_{curve['method']}.csv", mime="text/csv")
-        shared.share_link({"a": aid, "hi_score": score,
-                           "hi_norm": norm if is_importance and norm != "layer" else None,
-                           "hi_head": focus, "hi_prune": curve["method"],
-                           "hi_recompute": True if curve["recompute"] else None,
-                           "hi_skip_first": True if st.session_state.get("hi_skip_first")
-                           else None})
+
+    export_columns = dict(roles)
+    if importance_id:
+        export_columns = {f"{score}_{name}": service.array(importance_id, name)
+                          for name in NORMALIZATIONS} | export_columns
+    link = None if st.session_state.get("in_lesson") else {
+        "a": aid, "hi_score": score, "hi_norm": norm if is_importance and norm != "layer" else None,
+        "hi_head": focus, "hi_skip_first": True if st.session_state.get("hi_skip_first") else None}
+    pruning_and_export(record, jobs, scores_table(n_layers, n_heads, export_columns), score, link)

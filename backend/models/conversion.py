@@ -17,8 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-import gguf
-import transformers.modeling_gguf_pytorch_utils as gguf_utils
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from backend.config import Settings
@@ -42,6 +40,9 @@ def is_converted(source: ModelSource, settings: Settings) -> bool:
 def _parse_once(progress: Progress) -> Iterator[None]:
     """While converting: one GGUFReader per file, one tensor-name table per architecture, and
     the de-quantisation loop's own count as progress (fractions of the tensors done)."""
+    import gguf  # here, not at the top: only a conversion needs gguf (and it is slow to import)
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
     readers: dict[str, gguf.GGUFReader] = {}
     original_reader, original_map, original_tqdm = (gguf.GGUFReader, gguf.get_tensor_name_map,
                                                     gguf_utils.tqdm)

@@ -91,7 +91,8 @@ def test_a_span_without_reports_shows_its_label_and_elapsed_time(clocked):
 
 # --- every analysis kind through the real service ---------------------------------------------
 SHORT = "The cat sat on the mat. It was warm there."
-SOLUTION = "One pencil costs 1/3 dollar. So 27 pencils cost 27/3 = 9 dollars. The answer is \\boxed{9}."
+SOLUTION = ("One pencil costs 1/3 dollar. So 27 pencils cost 27/3 = 9 dollars. "
+            "The answer is \\boxed{9}.")
 PROBLEM = "A shop sells pencils at 3 for $1. How many dollars do 27 pencils cost?"
 TA = {"problem": PROBLEM, "answer": "9"}
 REQUESTS = [

@@ -12,6 +12,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -27,16 +30,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def app_url(tmp_path_factory):
+@contextmanager
+def running_app(cache: Path) -> Iterator[str]:
+    """`streamlit run app.py` on the cache folder `cache`, as a user would start it; yields the
+    app's URL once it answers, and stops it after."""
     port = _free_port()
-    env = {**os.environ, "ATLAS_CACHE_DIR": str(tmp_path_factory.mktemp("e2e-cache")),
-           "HF_HUB_OFFLINE": "1"}
-    # As a teacher would before class (DuckDB lets one process use the cache: before the app).
-    prepared = subprocess.run([sys.executable, "-m", "backend.precompute", "lessons"],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    if prepared.returncode != 0:
-        pytest.fail("Precomputing the lessons failed:\n" + prepared.stderr[-3000:])
+    env = {**os.environ, "ATLAS_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.port", str(port), "--browser.gatherUsageStats", "false",
@@ -53,9 +52,24 @@ def app_url(tmp_path_factory):
     else:
         server.kill()
         pytest.fail("The app did not start:\n" + server.stdout.read().decode()[-3000:])
-    yield url
-    server.terminate()
-    server.wait(timeout=20)
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("e2e-cache")
+    env = {**os.environ, "ATLAS_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
+    # As a teacher would before class (DuckDB lets one process use the cache: before the app).
+    prepared = subprocess.run([sys.executable, "-m", "backend.precompute", "lessons"],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if prepared.returncode != 0:
+        pytest.fail("Precomputing the lessons failed:\n" + prepared.stderr[-3000:])
+    with running_app(cache) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

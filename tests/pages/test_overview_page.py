@@ -18,7 +18,8 @@ def test_cold_open_draws_the_examples_attention(service):
     charts = at.get("vega_lite_chart")
     assert len(charts) == 1
     meta = service.analysis(aid).meta
-    assert f"Layer {meta['n_layers'] // 2}, mean of its heads" in charts[0].proto.spec
+    assert any(f"Layer {meta['n_layers'] // 2}, mean of its heads" in m.value
+               for m in at.markdown)
     [dataset] = charts[0].proto.datasets
     cells = pa.ipc.open_stream(dataset.data.data).read_all()
     n = len(meta["tokens"])

@@ -186,7 +186,7 @@ def test_tokens_cannot_break_out_of_the_script_element(render):
     assert "</script><script>alert" not in html
     assert "<img" not in html.lower() and "<!--" not in html and "</SCRIPT >" not in html
     parsed = parse(html)
-    assert len(parsed.scripts) == 5  # params JSON, d3, jQuery, requirejs shim, bertviz
+    assert len(parsed.scripts) == 6  # params JSON, d3, jQuery, requirejs shim, bertviz, fit
     assert "img" not in parsed.tags
     params = embedded_params(html)
     assert params["attention"][0]["left_text"] == tokens

@@ -36,7 +36,8 @@ def test_conversion_matches_gguf_and_reports_each_tensor(settings, tmp_path):
     reader = gguf.GGUFReader(source.path / source.gguf_file)
     n = len(reader.tensors)
     counted = [stage for _, stage in seen if stage.startswith("De-quantising tensor")]
-    assert counted[0] == f"De-quantising tensor 1/{n}" and counted[-1] == f"De-quantising tensor {n}/{n}"
+    assert counted[0] == f"De-quantising tensor 1/{n}"
+    assert counted[-1] == f"De-quantising tensor {n}/{n}"
     assert len(counted) == n                                    # one report per tensor
 
     weights = load_file(folder / "model.safetensors")
