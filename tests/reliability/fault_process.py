@@ -20,8 +20,7 @@ from backend.config import Settings
 from backend.service import AtlasService
 
 PROBLEM = "3 pencils cost $1. What do 27 cost?"
-SOLUTION = ("Three pencils cost one dollar. So 27 pencils cost nine dollars. "
-            "The answer is \\boxed{9}.")
+SOLUTION = "One pencil costs a third. So the answer is \\boxed{9}."  # two chunks
 RESAMPLING_ROLLOUTS = 1
 RESAMPLING = AnalysisRequest.make("ta_resampling", "smollm2", SOLUTION, problem=PROBLEM,
                                   answer="9", rollouts=RESAMPLING_ROLLOUTS, max_new_tokens=4)
