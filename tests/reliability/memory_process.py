@@ -42,7 +42,7 @@ def view(service: AtlasService, aid: str) -> int:
 
 def main(cache_dir: str, budget_mb: str, n: str) -> None:
     settings = replace(Settings.from_env(), cache_dir=Path(cache_dir),
-                       memory_budget_mb=int(budget_mb))
+                       memory_budget_bytes=int(budget_mb) << 20)
     service = AtlasService(settings)
     process = psutil.Process()
     view(service, service.run(AnalysisRequest.make("attention", MODEL, text(-1)),
@@ -54,8 +54,8 @@ def main(cache_dir: str, budget_mb: str, n: str) -> None:
         viewed += view(service, service.run(AnalysisRequest.make("attention", MODEL, text(i)),
                                             timeout=600))
     gc.collect()
-    print(json.dumps({"budget": settings.memory_budget_mb << 20, "baseline": baseline,
-                      "after": process.memory_info().rss, "cached": service._memory.bytes,
+    print(json.dumps({"budget": settings.memory_budget_bytes, "baseline": baseline,
+                      "after": process.memory_info().rss, "cached": service.memory.bytes_held,
                       "viewed": viewed}), flush=True)
     os._exit(0)
 
