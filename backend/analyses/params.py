@@ -16,14 +16,16 @@ from backend.inputs import check_text
 from backend.methods.heads.importance import METHODS
 from backend.methods.rollout import HEAD_FUSIONS
 
-MAX_GENERATED_TOKENS = 4096
+MAX_GENERATED_TOKENS = 131_072  # a sanity bound: the server caps rollouts lower
+MAX_LIST = 10_000
 MAX_ROLLOUTS = 1000
 
 
 @dataclass(frozen=True)
 class Param:
-    """kind: "int" | "float" | "bool" | "text" | "choice"; low/high bound numbers (inclusive);
-    choices: the allowed values of a "choice"."""
+    """kind: "int" | "float" | "bool" | "text" | "choice", or "ints" | "floats" (a non-empty
+    list of such numbers); low/high bound numbers (inclusive); choices: the allowed values of a
+    "choice"."""
 
     kind: str
     low: float | None = None
@@ -36,6 +38,13 @@ class Param:
                 raise InputError(f"Parameter '{name}' must be true or false, not {value!r}.")
         elif self.kind == "text":
             check_text(value, field=f"parameter '{name}'", required=False)
+        elif self.kind in ("ints", "floats"):
+            if not isinstance(value, (list, tuple)) or not value or len(value) > MAX_LIST:
+                raise InputError(f"Parameter '{name}' must be a list of 1 to {MAX_LIST} "
+                                 f"numbers, not {value!r}.")
+            item = Param(self.kind[:-1], self.low, self.high)
+            for number in value:
+                item.check(name, number)
         elif self.kind == "choice":
             if value not in self.choices:
                 raise InputError(f"Parameter '{name}' must be one of {', '.join(self.choices)}; "
@@ -62,8 +71,9 @@ def _int(low: int, high: int) -> Param:
 TEXT = Param("text")
 TEMPERATURE = Param("float", 0.01, 2.0)  # 0 would divide the logits by zero
 _TRACE = {"problem": TEXT, "answer": TEXT}
-_SAMPLING = {"temperature": TEMPERATURE, "max_new_tokens": _int(1, MAX_GENERATED_TOKENS),
-             "seed": _int(0, 2 ** 31 - 1)}
+_SAMPLING = {"temperature": TEMPERATURE, "top_p": Param("float", 0.01, 1.0),
+             "max_new_tokens": _int(1, MAX_GENERATED_TOKENS), "seed": _int(0, 2 ** 31 - 1),
+             "engine": TEXT}  # an engine's name; unknown names are refused by the registry
 
 SCHEMAS: dict[str, dict[str, Param]] = {
     "attention": {},
@@ -77,8 +87,14 @@ SCHEMAS: dict[str, dict[str, Param]] = {
     "ta_receivers": {**_TRACE, "proximity_ignore": _int(1, 1000), "top_k": _int(1, 10_000)},
     "ta_suppression": {**_TRACE, "temperature": TEMPERATURE},
     "ta_resampling": {**_TRACE, **_SAMPLING, "rollouts": _int(1, MAX_ROLLOUTS),
-                      "top_p": Param("float", 0.01, 1.0),
-                      "prefix": Param("choice", choices=("clean", "chunks"))},
+                      "chunks": Param("ints", 0, 10 ** 6), "forced": Param("bool"),
+                      "prefix": Param("choice", choices=("faithful", "clean"))},
+    "long_context_heads": {"question": TEXT, "answer_start": TEXT,
+                           "lengths": Param("ints", 1, 10 ** 6),
+                           "depths": Param("floats", 0.0, 1.0),
+                           "max_new_tokens": _int(1, 200), "bins": _int(1, 4096),
+                           "passkey_length": _int(1, 10 ** 6), "sink": _int(1, 10 ** 6),
+                           "recent": _int(1, 10 ** 6), "seed": _int(0, 2 ** 31 - 1)},
 }
 
 
