@@ -1,0 +1,47 @@
+"""docs/ARCHITECTURE.md's worked example of a new analysis kind runs as written, through the
+service, and equals an independent computation from eager attention."""
+
+from __future__ import annotations
+
+import re
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from backend import analyses
+from backend.analyses import AnalysisRequest, params
+from backend.errors import InputError
+from backend.methods.hooks import attention_implementation
+from tests.conftest import REPO_ROOT
+
+TEXT = "Attention entropy says how spread out each token's attention is."
+
+
+@pytest.fixture()
+def row_entropy(monkeypatch):
+    doc = (REPO_ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    section = doc.split("## How to add an analysis kind", 1)[1]
+    module = types.ModuleType("row_entropy")
+    exec(compile(re.search(r"```python\n(.*?)```", section, re.S).group(1),
+                 "docs/ARCHITECTURE.md", "exec"), module.__dict__)
+    # The registry lines of the example.
+    monkeypatch.setitem(analyses.ANALYSES, "row_entropy", module.compute_row_entropy)
+    monkeypatch.setitem(params.SCHEMAS, "row_entropy", {})
+    return module
+
+
+def test_the_documented_kind_equals_eager_entropy(row_entropy, service, smollm2):
+    aid = service.run(AnalysisRequest.make("row_entropy", "smollm2", TEXT), timeout=600)
+    entropy = service.array(aid, "row_entropy")
+    ids = smollm2.tokenizer(TEXT)["input_ids"]
+    with attention_implementation(smollm2.model, "eager"), torch.inference_mode():
+        weights = smollm2.model(torch.tensor([ids]), output_attentions=True).attentions
+    p = torch.stack([w[0] for w in weights]).double()  # (layer, head, query, key)
+    expected = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1)
+    assert entropy.shape == tuple(expected.shape)
+    np.testing.assert_allclose(entropy, expected.numpy(), atol=1e-3)
+    assert entropy[:, :, 0].max() < 1e-4  # the first token can only attend to itself
+    with pytest.raises(InputError, match="Unknown parameter"):
+        service.submit(AnalysisRequest.make("row_entropy", "smollm2", TEXT, bins=3))
