@@ -122,7 +122,7 @@ class LayerRecorder:
         self._copies = None  # a side stream for device-to-host copies
 
     def _host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A 16-bit host copy; on a GPU through pinned memory on a side stream (overlapped)."""
+        """A host copy in the storage dtype; on a GPU through pinned memory on a side stream."""
         tensor = tensor.to(storage_dtype(tensor, self.sixteen_bits))
         if tensor.device.type != "cuda":
             return tensor.contiguous().clone()

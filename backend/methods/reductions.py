@@ -19,6 +19,9 @@ from backend.methods.binning import bin_edges
 from backend.methods.heads.roles import kurtosis_of_vertical
 
 
+MATMUL_SPANS = 512  # up to this many key spans, block sums are one product with a 0/1 matrix
+
+
 def _span_index(spans: np.ndarray, n_tokens: int) -> np.ndarray:
     """(token,) the span each token lies in, -1 outside every span."""
     index = np.full(n_tokens, -1)
@@ -47,18 +50,25 @@ class BlockMeans:
         return cls(spans, spans, n_heads, n_tokens, device)
 
     def update(self, q0: int, k0: int, p: torch.Tensor) -> None:
-        n_keys = p.shape[-1]
-        # (head, query, key) mass on keys k0 .. k; float64 so that a block's sum, a difference
-        # of two running sums, keeps its small values after a large sink.
-        running = torch.cumsum(p, -1, dtype=torch.float64)
-        ends = torch.as_tensor(self.k_spans - k0, device=p.device).clamp(0, n_keys)
-        def before(x):  # mass on keys < k0 + x, (head, query, span)
-            picked = running.index_select(-1, (x - 1).clamp(min=0))
-            return picked * (x > 0)
-        key_sums = before(ends[:, 1]) - before(ends[:, 0])
         rows = self.q_index[q0:q0 + p.shape[1]]
         inside = rows >= 0
-        self.sums.index_add_(1, rows[inside], key_sums[:, inside])
+        self.sums.index_add_(1, rows[inside], self._key_sums(k0, p)[:, inside].double())
+
+    def _key_sums(self, k0: int, p: torch.Tensor) -> torch.Tensor:
+        """(head, query, key span) sums of p over each key span."""
+        n_keys = p.shape[-1]
+        ends = torch.as_tensor(self.k_spans - k0, device=p.device).clamp(0, n_keys)
+        if len(self.k_spans) <= MATMUL_SPANS:  # p @ (key, span) membership: no cancellation
+            keys = torch.arange(n_keys, device=p.device)[:, None]
+            member = ((keys >= ends[None, :, 0]) & (keys < ends[None, :, 1])).to(p.dtype)
+            return torch.matmul(p, member)
+        # Many spans: differences of running sums, in float64 so that a span's sum keeps its
+        # small values after a large sink.
+        running = torch.cumsum(p, -1, dtype=torch.float64)
+
+        def before(x):  # mass on keys < k0 + x, (head, query, span)
+            return running.index_select(-1, (x - 1).clamp(min=0)) * (x > 0)
+        return before(ends[:, 1]) - before(ends[:, 0])
 
     def result(self) -> np.ndarray:
         sizes = (np.diff(self.q_spans)[:, 0][:, None] * np.diff(self.k_spans)[:, 0][None, :])

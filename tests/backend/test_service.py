@@ -176,7 +176,8 @@ def test_windows_slice_queries_and_keys(service, computed):
     assert window.shape == (15, 14)
     np.testing.assert_array_equal(window, layer_attn[2, 10:25, 3:17])
     mean_window = service.attention_matrix(aid, 5, None, slice(n - 4, None), slice(0, 4))
-    np.testing.assert_allclose(mean_window, layer_attn[:, n - 4:, :4].mean(0), rtol=1e-6)
+    # Both are recomputed from query and key; products of other shapes round differently.
+    np.testing.assert_allclose(mean_window, layer_attn[:, n - 4:, :4].mean(0), rtol=1e-5)
 
 
 @pytest.mark.parametrize("head", [None, 0, 8])

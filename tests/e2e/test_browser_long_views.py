@@ -16,6 +16,7 @@ from tests.e2e.test_browser_explore import analyse
 from tests.pages.test_long_views import MEDIUM
 
 CHART = "[data-testid='stVegaLiteChart']"
+DRAWING = f"{CHART} canvas, {CHART} svg.marks"  # Vega draws on a canvas or as SVG
 
 
 def params(page) -> dict[str, list[str]]:
@@ -25,7 +26,7 @@ def params(page) -> dict[str, list[str]]:
 def plot_area(page) -> dict[str, float]:
     """The first chart's plot area in page pixels: the columns and rows of its canvas that are
     mostly coloured (the blocks), found in a screenshot."""
-    canvas = page.locator(f"{CHART} canvas").first
+    canvas = page.locator(DRAWING).first
     canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     pixels = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), dtype=int)
@@ -41,7 +42,8 @@ def test_zoom_from_an_off_diagonal_block_keeps_its_keys(page, app_url):
     analyse(page, app_url, MEDIUM)
     page.get_by_role("link", name="Explore", exact=True).click()
     wait_idle(page)
-    n = int(page.get_by_role("slider").nth(1).get_attribute("aria-valuemax")) + 1
+    # The thumbs show their values: layer, then the query window's ends (0 and n - 1).
+    n = int(page.get_by_test_id("stSliderThumbValue").nth(2).inner_text()) + 1
     plot = plot_area(page)
     # Queries near the end, keys near the start: a block below the diagonal, far from it.
     page.mouse.click(plot["x"] + 0.15 * plot["width"], plot["y"] + 0.85 * plot["height"])
@@ -75,7 +77,7 @@ def test_head_grid_click_opens_explore_with_the_analysed_text(page, app_url):
     aid = analyse(page, app_url, MEDIUM)
     page.get_by_role("link", name="Head grid", exact=True).click()
     wait_idle(page)
-    canvas = page.locator(f"{CHART} canvas").first
+    canvas = page.locator(DRAWING).first
     canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     # 30 layers x 9 heads in cells of 84 px (the page's grid width / 9): the plot ends 5 px

@@ -227,6 +227,7 @@ def long_text(tokens: int) -> str:
                     f"year {1000 + i}." for i in range(tokens // 13))
 
 
+@pytest.mark.timeout(2400)  # the 6,000-token capture on a 2-core CPU, plus five page runs
 def test_a_new_user_explores_a_6000_token_text(service):
     """The journey of issue 11 on the CPU with the default model: overview, zoom, reading
     view, head grid, rollout of the last token."""
