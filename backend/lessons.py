@@ -35,7 +35,7 @@ import yaml
 
 from backend.analyses import AnalysisRequest
 from backend.analyses.heads import METHODS, ROLES
-from backend.analyses.long_context import probe_request
+from backend.analyses.long_context import link_request
 from backend.analyses.rollout import AUTO_FLOW_TOKENS
 from backend.analyses.thought_anchors import WORKED_EXAMPLE
 from backend.errors import InputError
@@ -217,8 +217,8 @@ def step_requests(lesson: Lesson, step: Step, service) -> Iterator[AnalysisReque
         prune = params.get("hi_prune") if params.get("hi_prune") in METHODS else METHODS[0]
         yield AnalysisRequest.make("pruning_curve", main.model, main.text, method=prune,
                                    recompute=params.get("hi_recompute") == "true")
-    elif step.page == "long_context_heads":  # the page's own default probe of the model
-        yield probe_request(main.model)
+    elif step.page == "long_context_heads":
+        yield link_request(main.model, params)
     elif step.page == "thought_anchors" and params.get("ta_source") == WORKED_EXAMPLE:
         # (The page's default, the shipped published trace, needs no job.)
         yield from _worked_example_requests(main.model, params, service)

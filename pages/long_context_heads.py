@@ -69,7 +69,9 @@ def _probe_id(model: str) -> str | None:
     if linked and "lc_custom" not in st.session_state:
         return linked
     try:
-        request = lc.probe_request(model, **st.session_state.get("lc_custom", {}))
+        custom = st.session_state.get("lc_custom")
+        request = (lc.probe_request(model, **custom) if custom
+                   else lc.link_request(model, st.query_params.to_dict()))
     except Exception as e:  # a refused setting: say so, keep the page
         st.error(str(e))
         return None

@@ -51,6 +51,24 @@ def probe_request(model: str, needle: str = NEEDLE, **params) -> AnalysisRequest
     return AnalysisRequest.make(KIND, model, needle, **merged)
 
 
+LINK_SETTINGS = {"lc_lengths": ("lengths", int), "lc_depths": ("depths", float),
+                 "lc_passkey": ("passkey_length", int)}
+
+
+def link_request(model: str, link: dict[str, str]) -> AnalysisRequest:
+    """The default probe with the settings a link (or a lesson step) carries: lc_lengths and
+    lc_depths comma-separated, lc_passkey; malformed values fall back to the defaults."""
+    params = {}
+    for key, (name, kind) in LINK_SETTINGS.items():
+        try:
+            values = [kind(x) for x in str(link.get(key, "")).split(",") if x.strip()]
+        except ValueError:
+            continue
+        if values:
+            params[name] = values if name != "passkey_length" else values[0]
+    return probe_request(model, **params)
+
+
 def _settings(request: AnalysisRequest, max_tokens: int) -> dict:
     p = {**DEFAULTS, **dict(request.params)}
     if not p["lengths"] or not p["depths"]:
