@@ -34,6 +34,8 @@ FINGERPRINTS = ("Thought anchors: 17 × 23 = 391, so the answer is \\boxed{391}.
                 "def f(x):\n\treturn x ** 2  # 0x1F, 3.14159e-10")
 MAX_N = 16  # continuations asked for in one request when the server honours n
 REQUEST_TIMEOUT_S = 900
+CHECK_TTL_S = 600  # a passed model check is trusted this long (each job would repeat it)
+_checked: dict[tuple, tuple[float, bool, bool]] = {}  # -> (when, token_prompts, honours_n)
 
 
 class _Refused(Exception):
@@ -78,27 +80,11 @@ class EndpointEngine:
     # --- the model check ----------------------------------------------------------------------
     def check_model(self) -> None:
         """Refuse a server whose model is not the analysed one; learn what it accepts."""
-        for text in FINGERPRINTS:
-            try:
-                reply = self._post({"prompt": text, "max_tokens": 1, "temperature": 0})
-            except _Refused as e:
-                raise EngineError(f"Rollout endpoint '{self.name}' refused a completion "
-                                  f"request ({e}).") from e
-            served = str(reply.get("model", self.config.model)).split("@")[0]
-            if served != self.config.model:
-                raise EngineError(f"Rollout endpoint '{self.name}' answers with model "
-                                  f"'{served}', not '{self.config.model}'.")
-            theirs = (reply.get("usage") or {}).get("prompt_tokens")
-            ours = len(self.tokenizer(text)["input_ids"])
-            if theirs is None:
-                raise EngineError(f"Rollout endpoint '{self.name}' reports no token usage: "
-                                  "its model cannot be checked against the analysed one.")
-            if theirs != ours:
-                raise EngineError(
-                    f"Rollout endpoint '{self.name}' serves another model: its tokenizer reads "
-                    f"a fingerprint prompt as {theirs} tokens, the analysed model's as {ours}. "
-                    "Resampling with another model is a different experiment: pick an "
-                    "endpoint that serves the analysed model.")
+        key = (self.config, self.tokenizer.name_or_path, len(self.tokenizer))
+        if key in _checked and time.monotonic() - _checked[key][0] < CHECK_TTL_S:
+            _, self.token_prompts, self.honours_n = _checked[key]
+            return
+        self._check_tokenizer()
         ids = self.tokenizer(FINGERPRINTS[0])["input_ids"]
         try:
             reply = self._post({"prompt": ids, "max_tokens": 1, "temperature": 0})
@@ -110,6 +96,34 @@ class EndpointEngine:
             self.honours_n = len(reply.get("choices", ())) == 2
         except _Refused:
             self.honours_n = False
+        _checked[key] = (time.monotonic(), self.token_prompts, self.honours_n)
+
+    def _check_served(self, reply: dict) -> None:
+        """Every reply names its model: a server restarted with another one is caught."""
+        served = str(reply.get("model", self.config.model)).split("@")[0]
+        if served != self.config.model:
+            raise EngineError(f"Rollout endpoint '{self.name}' answers with model '{served}', "
+                              f"not '{self.config.model}'.")
+
+    def _check_tokenizer(self) -> None:
+        for text in FINGERPRINTS:
+            try:
+                reply = self._post({"prompt": text, "max_tokens": 1, "temperature": 0})
+            except _Refused as e:
+                raise EngineError(f"Rollout endpoint '{self.name}' refused a completion "
+                                  f"request ({e}).") from e
+            self._check_served(reply)
+            theirs = (reply.get("usage") or {}).get("prompt_tokens")
+            ours = len(self.tokenizer(text)["input_ids"])
+            if theirs is None:
+                raise EngineError(f"Rollout endpoint '{self.name}' reports no token usage: "
+                                  "its model cannot be checked against the analysed one.")
+            if theirs != ours:
+                raise EngineError(
+                    f"Rollout endpoint '{self.name}' serves another model: its tokenizer reads "
+                    f"a fingerprint prompt as {theirs} tokens, the analysed model's as {ours}. "
+                    "Resampling with another model is a different experiment: pick an "
+                    "endpoint that serves the analysed model.")
 
     # --- the run ------------------------------------------------------------------------------
     def _requests(self, prompts: list[Prompt], params: SamplingParams):
@@ -134,6 +148,7 @@ class EndpointEngine:
             reply = self._post(body)
         except _Refused as e:
             raise EngineError(f"Rollout endpoint '{self.name}' refused a request ({e}).") from e
+        self._check_served(reply)
         choices = sorted(reply.get("choices", ()), key=lambda c: c.get("index", 0))
         if len(choices) < count:
             raise EngineError(f"Rollout endpoint '{self.name}' returned {len(choices)} "
