@@ -29,6 +29,9 @@ TITLES = {
     "self": "self (diagonal) score", "locality": "locality", "induction": "induction score",
     "receiver_kurtosis": "receiver kurtosis",
 }
+SHORT_NAMES = {"previous_token": "prev. token", "first_token": "first token",
+               "receiver_kurtosis": "recv. kurt."}
+RANK_COLUMN_PX = 74  # 9 score columns, rank and id fit the main column at 1,280 px
 NORM_TITLES = {"layer": "layer-normalised", "global": "scaled to 0–1", "raw": "raw"}
 
 EXPLANATIONS = """
@@ -161,17 +164,14 @@ def head_details(record, layer: int, head: int, scores: np.ndarray | None, score
                      format="%.4f")})
 
 
-def scores_table(n_layers: int, n_heads: int, columns: dict[str, np.ndarray],
-                 position_last: bool = False) -> pd.DataFrame:
-    """One row per head (layer-major): its id, layer, head and one column per score (layer and
-    head after the scores with position_last, so a narrow table shows the scores first)."""
+def scores_table(n_layers: int, n_heads: int, columns: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per head (layer-major): its id, layer, head and one column per score."""
     layer, head = np.divmod(np.arange(n_layers * n_heads), n_heads)
     frame = pd.DataFrame({"id": [head_label(l, h) for l, h in zip(layer, head)]})
     position = pd.DataFrame({"layer": layer, "head": head})
     scores = pd.DataFrame({name: np.asarray(values, dtype=np.float64).ravel()
                            for name, values in columns.items()})
-    parts = [frame, scores, position] if position_last else [frame, position, scores]
-    return pd.concat(parts, axis=1)
+    return pd.concat([frame, position, scores], axis=1)
 
 
 def pruning_section(record, jobs: InTurn) -> dict:
@@ -298,16 +298,20 @@ if record:
     if scores is not None:
         columns[score_title] = scores
     columns.update({name: values for name, values in roles.items() if name != score})
-    table = scores_table(n_layers, n_heads, columns, position_last=True)
+    table = scores_table(n_layers, n_heads, columns).drop(columns=["layer", "head"])  # in id
     if scores is not None:
         table = table.sort_values(score_title, ascending=False, kind="stable")
         table.insert(0, "rank", np.arange(1, len(table) + 1))
     st.session_state["hi_ranked"] = list(table["id"])
+    # Narrow columns with short headers (the full name on hover), so every score fits at
+    # 1,280 px without scrolling sideways.
     st.dataframe(table, hide_index=True, height=380, key="hi_ranking",
                  on_select=_pick_from_ranking, selection_mode="single-row",
                  column_config={name: st.column_config.NumberColumn(
-                     name if name in ROLES else score, help=name, format="%.4f")
-                     for name in columns})
+                     SHORT_NAMES.get(name, name) if name in ROLES else SHORT_NAMES.get(
+                         score, score), help=name, format="%.4f", width=RANK_COLUMN_PX)
+                     for name in columns} | {"rank": st.column_config.NumberColumn(width=44),
+                                             "id": st.column_config.TextColumn(width=64)})
     st.caption("Sorted by the chosen score, highest first. Select a row to open its head.")
     with st.expander("What the scores mean"):
         st.markdown(EXPLANATIONS)

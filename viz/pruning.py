@@ -30,4 +30,7 @@ def pruning_chart(fractions: np.ndarray, losses: dict[str, np.ndarray], loss_nam
     unmasked = float(next(iter(losses.values()))[0]) if losses else 0.0
     reference = alt.Chart(pd.DataFrame({"loss": [unmasked]})).mark_rule(
         strokeDash=[4, 4], color="#999999").encode(y="loss:Q")
-    return (lines + reference).properties(width=width, height=height)
+    # "pad": width and height are the plot's own; the legend, title and axes come on top (a
+    # chart fitted into `height` kept about 80 px of plot under its legend).
+    return (lines + reference).properties(width=width, height=height,
+                                          autosize=alt.AutoSizeParams(type="pad"))

@@ -93,8 +93,6 @@ def test_bertviz_frames_take_their_drawings_height(wide, app_url, view):
     assert sizes["content"] <= sizes["frame"] + 2, sizes   # nothing below the frame's edge
     assert sizes["contentWidth"] <= sizes["width"] + 2, sizes  # nor right of it
     assert drawing.bounding_box()["height"] > 300
-    if view == "model view":  # six layers chosen, all inside the frame (checked above)
-        expect(wide.locator("[data-testid='stMultiSelect'] [data-baseweb='tag']")).to_have_count(6)
 
 
 def _reruns_asked(frames: list) -> list[str]:
@@ -114,7 +112,7 @@ def _reruns_asked(frames: list) -> list[str]:
 def test_the_pruning_controls_rerun_only_the_pruning_curve(wide, app_url):
     aid = analyse(wide, app_url, TEXT)
     frames: list = []
-    wide.on("websocket", lambda ws: ws.on("framesent", frames.append))
+    wide.on("websocket", lambda ws: ws.on("framesent", lambda payload: frames.append(payload)))
     wide.goto(f"{app_url}/head_importance?a={aid}")
     wait_idle(wide)
     frames.clear()
