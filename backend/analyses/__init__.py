@@ -6,9 +6,9 @@ named arrays to store.
 
 from backend.analyses import attention, heads, long_context, rollout, thought_anchors
 from backend.analyses.params import check_params
-from backend.analyses.request import (CODE_VERSION, MAX_TEXT_CHARS, AnalysisRequest,
-                                      analysis_id)
+from backend.analyses.request import CODE_VERSION, AnalysisRequest, analysis_id
 from backend.errors import InputError
+from backend.inputs import MAX_TEXT_CHARS
 
 ANALYSES = {
     "attention": attention.compute_attention,

@@ -104,6 +104,6 @@ def check_params(kind: str, params: tuple[tuple[str, Any], ...]) -> None:
     for name, value in params:
         if name not in schema:
             known = ", ".join(sorted(schema)) or "none"
-            raise InputError(f"Unknown parameter '{name}' for a {kind} analysis "
-                             f"(it takes: {known}).")
+            raise InputError(f"Unknown parameter '{name}' for {kind} analyses "
+                             f"(they take: {known}).")
         schema[name].check(name, value)

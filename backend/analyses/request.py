@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend.inputs import MAX_TEXT_CHARS, check_text
+from backend.inputs import check_text
 
 CODE_VERSION = 3  # bump when a computation's results change
 

@@ -87,8 +87,8 @@ def test_a_model_reference_that_is_not_text_is_refused(service):
     ("head_importance", {"method": "saliency"}, "'method' must be one of gradient"),
     ("pruning_curve", {"recompute": "true"}, "'recompute' must be true or false"),
     ("gradient_rollout", {"target": -1}, "'target' must be between 0"),
-    ("attention", {"layer": 3}, "Unknown parameter 'layer' for a attention analysis"),
-    ("head_roles", {"method": "gradient"}, "(it takes: none)"),
+    ("attention", {"layer": 3}, "Unknown parameter 'layer' for attention analyses"),
+    ("head_roles", {"method": "gradient"}, "(they take: none)"),
 ])
 def test_bad_parameters_are_refused_for_their_own_reason(service, kind, params, reason):
     job_ids_before = len(service.worker._jobs)
