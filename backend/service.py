@@ -20,7 +20,6 @@ import torch
 
 from backend import analyses
 from backend.analyses import AnalysisRequest, analysis_id
-from backend.analyses.attention import OVERVIEW_BINS
 from backend.attention_maps import open_maps, regroup
 from backend.analyses.thought_anchors import (PUBLISHED_FILES, as_published_trace,
                                              missing_rollouts, published_analysis,
@@ -282,11 +281,10 @@ class AtlasService(Comparisons):
         n = maps.n_tokens
         query, key = check_window(n, query, key)
         heads = None if head is None else [self._head(maps, head)]
-        whole = query == key == slice(0, n)
-        if whole and bins <= min(n, OVERVIEW_BINS):
-            stored = maps.overview(layer)
+        stored = maps.overview(layer)  # (head, B, B), B = its own bins (from the array)
+        if query == key == slice(0, n) and bins <= stored.shape[-1]:
             stored = stored.mean(0) if head is None else stored[head]
-            values, edges = regroup(stored, bin_edges(n, OVERVIEW_BINS), bins)
+            values, edges = regroup(stored, bin_edges(n, stored.shape[-1]), bins)
             return BinnedMatrix(values, edges, edges)
         q_edges = bin_edges(query.stop - query.start, bins) + query.start
         k_edges = bin_edges(key.stop - key.start, bins) + key.start
@@ -357,9 +355,9 @@ class AtlasService(Comparisons):
         """(layer, head, size', size') every head's attention pooled to at most size x size,
         from the stored overviews."""
         maps = self.maps(aid)
-        edges = bin_edges(maps.n_tokens, OVERVIEW_BINS)
-        return np.stack([regroup(maps.overview(layer), edges, size)[0]
-                         for layer in range(maps.n_layers)])
+        overviews = [maps.overview(layer) for layer in range(maps.n_layers)]
+        edges = bin_edges(maps.n_tokens, overviews[0].shape[-1])
+        return np.stack([regroup(overview, edges, size)[0] for overview in overviews])
 
     # --- Thought Anchors page helpers (H12b)
     def published_example(self) -> str:
