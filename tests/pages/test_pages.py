@@ -42,7 +42,7 @@ def test_cold_open_shows_the_default_example(default_id):
     assert at.query_params["a"] == [default_id] or at.query_params["a"] == default_id
     assert at.text[0].value == EXAMPLES[DEFAULT_EXAMPLE][1]
     assert [m.label for m in at.metric][:1] == ["Tokens"]
-    assert any("SmolLM2-135M-Instruct" in m.value for m in at.markdown)
+    assert any(m.value == "**Model:** SmolLM2\\-135M\\-Instruct" for m in at.markdown)
 
 
 def test_explore_layer_and_head_controls(service, default_id):
