@@ -220,8 +220,9 @@ def step_requests(lesson: Lesson, step: Step, service) -> Iterator[AnalysisReque
     elif step.page == "long_context_heads":
         yield link_request(main.model, params)
     elif step.page == "thought_anchors" and params.get("ta_source") == WORKED_EXAMPLE:
-        # (The page's default, the shipped published trace, needs no job.)
         yield from _worked_example_requests(main.model, params, service)
+    elif step.page == "thought_anchors" and "ta_source" not in params:
+        service.published_example()  # the page's default trace: imported now, not a job
 
 
 def _worked_example_requests(model: str, params: dict[str, str],
