@@ -11,6 +11,7 @@ from backend.errors import AtlasError
 
 ATTENTION = ("attention",)
 TRACES = ("ta_trace", "ta_published")
+PROBES = ("long_context_heads",)
 KIND_NAMES = {
     "attention": "an attention analysis",
     "attention_flow": "an attention flow result",
@@ -24,6 +25,7 @@ KIND_NAMES = {
     "ta_receivers": "a receiver heads result",
     "ta_suppression": "an attention suppression result",
     "ta_resampling": "a resampling result",
+    "long_context_heads": "a long-context heads probe",
 }
 # Results computed from an attention analysis or a trace, and the view that shows them.
 _FROM_ATTENTION = {"attention_flow": "rollout", "gradient_rollout": "rollout",
@@ -56,6 +58,9 @@ def redirect(record, kinds: tuple[str, ...],
         return Redirect(message, "explore", {"a": record.id}, "Explore this analysis")
     if record.kind in TRACES:
         return Redirect(message, "thought_anchors", {"t": record.id}, "Open it in Thought Anchors")
+    if record.kind in PROBES:
+        return Redirect(message, "long_context_heads", {"lc": record.id},
+                        "Open it in Long-context heads")
     if record.kind in _FROM_ATTENTION:
         source = _lookup(cached, AnalysisRequest.make("attention", record.model, record.text))
         return Redirect(message, _FROM_ATTENTION[record.kind], {"a": source} if source else {},

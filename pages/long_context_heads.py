@@ -136,12 +136,13 @@ st.header("Long-context heads")
 record = shared.require_analysis()
 if record:
     custom = _settings_form(None if "lc" not in st.query_params else
-                            shared.load_analysis(st.query_params["lc"]))
+                            shared.load_analysis(st.query_params["lc"],
+                                                 shared.kind_views.PROBES))
     if custom is not None:
         st.session_state["lc_custom"] = custom
         st.query_params.pop("lc", None)
     aid = _probe_id(record.model)
-    probe = shared.load_analysis(aid) if aid else None
+    probe = shared.load_analysis(aid, shared.kind_views.PROBES) if aid else None
     if probe:
         st.query_params["lc"] = aid
         service, meta = shared.service(), probe.meta

@@ -52,6 +52,7 @@ st.markdown(
 | **Explore** | One head (or a layer's head mean) as a query × key heatmap with token labels; click a token to see where it looks and what looks at it. Long inputs open as a binned overview you zoom into. |
 | **Head grid** | Every layer × head as a thumbnail on one screen: spot previous-token, first-token (sink) and diagonal heads at a glance; click one to open it. |
 | **Head importance** | Which heads matter (gradient, ablation, confidence, entropy) and what each does (previous-token, sink, induction… scores) on a layer × head grid; click a head for its map and top token pairs; pruning curves mask heads least-important first. |
+| **Long-context heads** | Heads by their long-context roles, each measured as its paper does on a needle-in-a-haystack probe: retrieval heads (Wu et al. 2024), streaming heads (a training-free proxy of DuoAttention's gates) and attention sinks (first-token attention above a threshold). |
 | **Rollout & flow** | How attention composes across layers: raw attention beside attention rollout and attention flow (Abnar & Zuidema) and gradient-weighted rollout (Chefer et al.), per token and as full matrices. |
 | **Thought Anchors** | Which sentences of a reasoning trace steer the answer: counterfactual resampling, receiver heads and attention suppression (Bogdan et al., 2025), on a published trace or one the model writes. |
 | **Compare** | Two analyses side by side (two texts, two models, or two heads), their difference where tokens align, and the heads or layers that changed most. |

@@ -53,6 +53,14 @@ class TraceView:
 
 
 @dataclass(frozen=True)
+class ProbeView:
+    """Long-context heads: a is the attention analysis (its model is probed), lc the probe."""
+
+    a: str | None = None
+    lc: str | None = None
+
+
+@dataclass(frozen=True)
 class LessonView:
     lesson: str | None = None
     step: int = 1
@@ -61,8 +69,9 @@ class LessonView:
 
 VIEWS = {"overview": AnalysisView, "explore": AnalysisView, "head_grid": AnalysisView,
          "head_importance": AnalysisView, "rollout": AnalysisView, "bertviz_views": AnalysisView,
-         "compare": CompareView, "thought_anchors": TraceView, "lessons": LessonView}
-_ID_FIELDS = ("a", "b", "t")
+         "compare": CompareView, "thought_anchors": TraceView, "lessons": LessonView,
+         "long_context_heads": ProbeView}
+_ID_FIELDS = ("a", "b", "t", "lc")
 
 
 def parse(view: str, query: Mapping[str, str]):

@@ -13,6 +13,7 @@ import threading
 
 import pytest
 
+from backend.analyses.long_context import probe_request
 from backend.analyses import ANALYSES, AnalysisRequest
 from backend.worker import Worker
 
@@ -112,6 +113,8 @@ REQUESTS = [
     AnalysisRequest.make("ta_suppression", "smollm2", SOLUTION, **TA),
     AnalysisRequest.make("ta_resampling", "smollm2", SOLUTION, rollouts=1, max_new_tokens=8,
                          **TA),
+    probe_request("smollm2", lengths=[300], depths=[0.5], max_new_tokens=8, bins=64,
+                  passkey_length=300, sink=8, recent=32),  # one small haystack trial
 ]
 
 

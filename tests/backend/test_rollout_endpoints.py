@@ -43,9 +43,9 @@ def free_port() -> int:
 
 def converted_folder(name: str, settings) -> Path:
     from backend.models import resolve_source
-    from backend.models.loading import _convert_gguf
+    from backend.models.conversion import convert_gguf
 
-    return _convert_gguf(resolve_source(name, settings), settings, lambda *a: None)
+    return convert_gguf(resolve_source(name, settings), settings, lambda *a: None)
 
 
 @pytest.fixture(scope="session")

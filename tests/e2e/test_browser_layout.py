@@ -115,6 +115,9 @@ def test_the_pruning_controls_rerun_only_the_pruning_curve(wide, app_url):
     wide.on("websocket", lambda ws: ws.on("framesent", lambda payload: frames.append(payload)))
     wide.goto(f"{app_url}/head_importance?a={aid}")
     wait_idle(wide)
+    # The default curve first: while its job runs, the progress fragment redraws the page.
+    expect(wide.get_by_text(re.compile("Heads masked by"))).to_be_visible(timeout=240_000)
+    wait_idle(wide)
     frames.clear()
     wide.get_by_role("combobox", name="Mask heads in order of").click()
     wide.get_by_role("option", name="confidence", exact=True).click()

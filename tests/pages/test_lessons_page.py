@@ -7,6 +7,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from backend.analyses.long_context import LINK_SETTINGS
 from backend.lessons import read_lessons
 from backend.precompute import precompute
 from tests.conftest import REPO_ROOT
@@ -75,6 +76,14 @@ def test_every_step_opens_from_the_cache_with_its_settings(service, precomputed,
     step = LESSONS.get(slug).steps[index]
     assert any(step.title in s.value.replace("\\", "") for s in at.subheader)
     for key, value in step.params.items():
+        if key in LINK_SETTINGS:  # a probe setting: the probe shown was computed with it
+            name, kind = LINK_SETTINGS[key]
+            probe_id = at.query_params["lc"]
+            probe = service.analysis(probe_id[0] if isinstance(probe_id, list) else probe_id)
+            used = probe.params[name]
+            assert (used if isinstance(used, list) else [used]) == \
+                [kind(x) for x in value.split(",")], key
+            continue
         assert shown(at, key) == value, key
     assert not at.error
 

@@ -12,7 +12,7 @@ from backend.store import AnalysisRecord
 from pages import kind_views, view_state
 from pages.shared import PAGES
 
-NAMES = ["a", "b", "t", "lesson", "step", "present", "layer", "head"]
+NAMES = ["a", "b", "t", "lc", "lesson", "step", "present", "layer", "head"]
 any_text = st.text(st.characters(codec=None), max_size=40) | st.sampled_from(
     ["", " ", "\0", "0" * 24, "f" * 24, "F" * 24, "0" * 25, "-1", "9" * 5000, "\u0663",
      "true", "True", "<script>"])
@@ -31,7 +31,7 @@ def test_any_query_gives_a_state_or_a_clear_message(view, query):
         state = view_state.parse(view, query)
     except InputError as e:
         assert "malformed" in str(e) and "24 hexadecimal" in str(e)
-        bad = [query.get(n) for n in ("a", "b", "t") if query.get(n)]
+        bad = [query.get(n) for n in ("a", "b", "t", "lc") if query.get(n)]
         assert any(not re.fullmatch("[0-9a-f]{24}", v) for v in bad)
         return
     assert isinstance(state, view_state.VIEWS[view])
