@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -112,8 +111,9 @@ def test_kills_during_an_attention_job_and_during_a_cache_write(tmp_path, settin
 
 def test_kill_during_resampling_resumes_without_redoing_saved_rollouts(tmp_path, settings):
     server = Server("resample", tmp_path)
-    server.until(lambda e: re.match(r"Rollouts [1-9]", e.get("stage", "")))
-    time.sleep(1.0)  # rollouts are saved in batches at most 0.5 s apart
+    # Killed once its rollouts are saved (they are saved as they arrive) and before the
+    # analysis is: the embedded engine finishes a sentence's rollouts together, in one batch.
+    server.until(lambda e: e.get("stage", "").startswith("Embedding resampled sentences"))
     server.kill()
     with service_on(tmp_path, settings) as svc:
         fingerprint = source_fingerprint(resolve_source("smollm2", settings))

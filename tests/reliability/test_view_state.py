@@ -35,7 +35,7 @@ def test_any_query_gives_a_state_or_a_clear_message(view, query):
         assert any(not re.fullmatch("[0-9a-f]{24}", v) for v in bad)
         return
     assert isinstance(state, view_state.VIEWS[view])
-    for name in ("a", "b", "t"):
+    for name in ("a", "b", "t", "lc"):
         value = getattr(state, name, None)
         assert value is None or re.fullmatch("[0-9a-f]{24}", value)
     if isinstance(state, view_state.LessonView):
@@ -51,7 +51,8 @@ def test_any_query_gives_a_state_or_a_clear_message(view, query):
        step=st.integers(1, 999_999), present=st.booleans())
 def test_valid_states_survive_a_round_trip(a, b, t, lesson, step, present):
     for state in (view_state.AnalysisView(a), view_state.CompareView(a, b),
-                  view_state.TraceView(t), view_state.LessonView(lesson, step, present)):
+                  view_state.TraceView(t), view_state.ProbeView(a, b),
+                  view_state.LessonView(lesson, step, present)):
         view = next(v for v, cls in view_state.VIEWS.items() if cls is type(state))
         assert view_state.parse(view, view_state.to_query(state)) == state
 
@@ -69,7 +70,7 @@ def test_every_kind_is_redirected_to_a_page_that_exists(kind, expected, source, 
     where = kind_views.redirect(record, expected, lambda request: source)
     assert where.page in PAGES
     assert "cannot show" in where.message and where.label
-    if kind in kind_views.ATTENTION + kind_views.TRACES:  # viewable as such: itself
+    if kind in kind_views.ATTENTION + kind_views.TRACES + kind_views.PROBES:  # itself
         assert list(where.query.values()) == [record.id]
     elif where.query:  # a derived result: the analysis it came from, when cached
         assert list(where.query.values()) == [source]
