@@ -359,7 +359,7 @@ class AtlasService(Comparisons):
         edges = bin_edges(maps.n_tokens, overviews[0].shape[-1])
         return np.stack([regroup(overview, edges, size)[0] for overview in overviews])
 
-    # --- Thought Anchors page helpers (H12b)
+    # --- Thought Anchors page helpers
     def published_example(self) -> str:
         """The id of the published trace the Thought Anchors page opens on (shipped with the
         app, see backend/data/thought_anchors), imported into the cache the first time."""
