@@ -10,6 +10,8 @@ ATLAS_FULL_MATRIX_TOKENS  longest input whose views may use full (layer, T, T) p
 ATLAS_QK_16BIT    "1" keeps a float32 model's query and key in 16 bits (half the cache; weights
                   then within about 1e-2 of eager's); 16-bit models are always kept in 16 bits
 ATLAS_MEMORY_MB   one budget for the service's in-process caches (default: 2048)
+ATLAS_STORE_MEMORY_MB  what DuckDB may keep in memory of the cache file (default: 1024; more
+                  than the largest single array, e.g. one layer's query of the longest input)
 ATLAS_DEVICE      "cpu", "cuda", "cuda:1"... (default: cuda when present, else cpu)
 ATLAS_ALLOW_HUB   "0" refuses hub ids (default "1": load them when the hub or its cache has them)
 ATLAS_CONVERTED_DIR  where GGUF models converted to safetensors are kept (default: <cache>/models)
@@ -50,6 +52,7 @@ class Settings:
     max_tokens: int = 8192
     full_matrix_max_tokens: int = 1024
     memory_budget_bytes: int = 2 << 30
+    store_memory_bytes: int = 1 << 30
     qk_16bit: bool = False
     device: str | None = None
     allow_hub: bool = True
@@ -76,6 +79,7 @@ class Settings:
                 "ATLAS_DEVICE"))),
             full_matrix_max_tokens=int(env.get("ATLAS_FULL_MATRIX_TOKENS", "1024")),
             memory_budget_bytes=int(env.get("ATLAS_MEMORY_MB", "2048")) << 20,
+            store_memory_bytes=int(env.get("ATLAS_STORE_MEMORY_MB", "1024")) << 20,
             qk_16bit=env.get("ATLAS_QK_16BIT", "0") == "1",
             device=env.get("ATLAS_DEVICE") or None,
             allow_hub=env.get("ATLAS_ALLOW_HUB", "1") != "0",

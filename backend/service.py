@@ -57,7 +57,8 @@ class AtlasService(Comparisons):
     def __init__(self, settings: Settings | None = None, store: Store | None = None,
                  worker: Worker | None = None):
         self.settings = settings or Settings.from_env()
-        self.store = store or Store(self.settings.database_path)
+        self.store = store or Store(self.settings.database_path,
+                                     self.settings.store_memory_bytes)
         self.worker = worker or Worker(self.settings)
         self.memory = BoundedCache(self.settings.memory_budget_bytes)
         self.device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")

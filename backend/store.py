@@ -1,27 +1,85 @@
 """The results cache: one DuckDB file, the only module that speaks SQL.
 
-Tensors are stored as float16 npy BLOBs (never pickled) with shape and dtype columns; DuckDB array
-columns cap at 100,000 elements and are slower. One connection per process, a cursor per call
-(DuckDB cursors are per-thread connections). An analysis and its arrays are written in one
-transaction, so a process killed mid-write leaves either all of it or none.
+Tensors are stored as npy BLOBs (never pickled); DuckDB array columns cap at 100,000 elements and
+are slower. The `arrays` table is the catalogue (name, dtype, shape, bytes); each analysis's BLOBs
+live in a table of their own, because DuckDB rewrites a table's last row group at every
+checkpoint: with one shared table of BLOBs, every save cost time and resident memory in
+proportion to the whole cache. One connection per process, a cursor per call (DuckDB cursors are
+per-thread connections). An analysis and its arrays are written in one transaction, so a process
+killed mid-write leaves either all of it or none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 import numpy as np
 
-from backend.errors import CacheFileError, CacheInUseError, CorruptCacheError, NotFoundError
+from backend.errors import AtlasError, CacheFileError, CacheInUseError, CorruptCacheError, NotFoundError
 
-# Each migration moves the schema from version i to i + 1; never edit a released one.
-MIGRATIONS: list[str] = [
+
+# Most bytes of BLOBs per table: DuckDB rewrites (and holds in memory) a table's last row group at
+# every checkpoint, so a table that only grew would make every save cost as much as all before it.
+PACK_BYTES = 64 << 20
+
+
+def blob_tables(analysis_id: str) -> str:
+    """The prefix of the tables of one analysis's BLOBs (a safe identifier whatever the id)."""
+    return "blobs_" + hashlib.sha256(analysis_id.encode()).hexdigest()[:32]
+
+
+class _BlobWriter:
+    """Writes one analysis's BLOBs into tables of about PACK_BYTES (the last may hold one larger
+    array); each INSERT commits on its own, since DuckDB keeps a transaction's data in memory."""
+
+    def __init__(self, cur, analysis_id: str):
+        self.cur, self.prefix, self.part, self.used = cur, blob_tables(analysis_id), -1, 0
+        _drop_tables(cur, self.prefix)  # left by a save that was interrupted
+
+    def write(self, name: str, blob: bytes) -> int:
+        """Store `blob` under `name`; returns the part (table) it went to."""
+        if self.part < 0 or (self.used and self.used + len(blob) > PACK_BYTES):
+            self.part, self.used = self.part + 1, 0
+            self.cur.execute(f"CREATE TABLE {self.prefix}_{self.part} "
+                             "(name VARCHAR PRIMARY KEY, data BLOB NOT NULL)")
+        self.cur.execute(f"INSERT INTO {self.prefix}_{self.part} VALUES (?, ?)", [name, blob])
+        self.used += len(blob)
+        return self.part
+
+
+def _drop_tables(cur, prefix: str) -> None:
+    for (table,) in cur.execute("SELECT table_name FROM duckdb_tables() WHERE starts_with("
+                                "table_name, ?)", [prefix + "_"]).fetchall():
+        cur.execute(f"DROP TABLE {table}")
+
+
+def _pack_old_blobs(cur) -> None:
+    """Schema 4, before its transaction: copy each BLOB of the shared `arrays` table into its
+    analysis's tables, noting the part in `array_parts` (run again from the start if stopped)."""
+    cur.execute("DROP TABLE IF EXISTS array_parts")
+    cur.execute("CREATE TABLE array_parts (analysis_id VARCHAR, name VARCHAR, part INTEGER)")
+    for (aid,) in cur.execute("SELECT DISTINCT analysis_id FROM arrays").fetchall():
+        writer = _BlobWriter(cur, aid)
+        names = [n for (n,) in cur.execute("SELECT name FROM arrays WHERE analysis_id = ? "
+                                           "ORDER BY name", [aid]).fetchall()]
+        for name in names:  # one BLOB in memory at a time
+            blob = cur.execute("SELECT data FROM arrays WHERE analysis_id = ? AND name = ?",
+                               [aid, name]).fetchone()[0]
+            cur.execute("INSERT INTO array_parts VALUES (?, ?, ?)",
+                        [aid, name, writer.write(name, blob)])
+
+
+# Each migration moves the schema from version i to i + 1: SQL run in one transaction, or
+# (a function of a cursor that runs first, outside it, SQL); never edit a released one.
+MIGRATIONS: list[str | tuple[Callable, str]] = [
     """
     CREATE TABLE analyses (
         id VARCHAR PRIMARY KEY,
@@ -62,6 +120,24 @@ MIGRATIONS: list[str] = [
     ALTER TABLE arrays ADD COLUMN nbytes BIGINT;
     UPDATE arrays SET nbytes = octet_length(data);
     """,
+    # BLOBs move to tables of each analysis's own (see PACK_BYTES); `arrays` keeps the catalogue.
+    (_pack_old_blobs, """
+    CREATE TABLE catalogue AS SELECT a.analysis_id, a.name, a.dtype, a.shape, a.nbytes, p.part
+        FROM arrays a JOIN array_parts p USING (analysis_id, name);
+    DROP TABLE arrays;
+    DROP TABLE array_parts;
+    CREATE TABLE arrays (
+        analysis_id VARCHAR NOT NULL,
+        name VARCHAR NOT NULL,
+        dtype VARCHAR NOT NULL,
+        shape INTEGER[] NOT NULL,
+        nbytes BIGINT NOT NULL,
+        part INTEGER NOT NULL,
+        PRIMARY KEY (analysis_id, name)
+    );
+    INSERT INTO arrays SELECT * FROM catalogue;
+    DROP TABLE catalogue;
+    """),
 ]
 
 ROLLOUT_COLUMNS = ("chunk_idx", "forced", "rollout_idx", "continuation", "chunk_resampled",
@@ -104,16 +180,21 @@ def _cache_file_error(path: Path, error: Exception) -> CacheFileError:
 
 
 class Store:
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, memory_limit_bytes: int | None = None):
+        """memory_limit_bytes: DuckDB's own buffers (it keeps pages it read or wrote until this
+        limit; left out, 80% of the machine's memory). Must exceed the largest single array."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._con = duckdb.connect(str(self.path))
+            if memory_limit_bytes:
+                self._con.execute(f"SET memory_limit = '{int(memory_limit_bytes)}B'")
         except duckdb.Error as e:
             raise _cache_file_error(self.path, e) from None
         self._lock = threading.Lock()  # serialises writers; readers use their own cursors
         try:
             self._migrate()
+            self._drop_unfinished_saves()
             self.has("")  # reads the catalogue: a torn file fails here, not in a page later
         except duckdb.Error as e:
             self._con.close()
@@ -134,7 +215,10 @@ class Store:
         with self._lock, self._cursor() as cur:
             cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             current = cur.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
-            for version, sql in enumerate(MIGRATIONS[current:], start=current + 1):
+            for version, step in enumerate(MIGRATIONS[current:], start=current + 1):
+                prepare, sql = step if isinstance(step, tuple) else (None, step)
+                if prepare:
+                    prepare(cur)
                 cur.execute("BEGIN TRANSACTION")
                 try:
                     cur.execute(sql)
@@ -150,20 +234,33 @@ class Store:
                                [analysis_id]).fetchone()[0] > 0
 
     def save(self, record: AnalysisRecord, arrays: dict[str, np.ndarray]) -> None:
-        """Write the record and its arrays atomically; saving an existing id is a no-op."""
+        """Write the record and its arrays; saving an existing id is a no-op. Each BLOB is
+        committed on its own (DuckDB holds a transaction's data in memory until it commits, and
+        analyses of long inputs hold gigabytes); the catalogue and the record come last, in one
+        transaction, so an analysis exists whole or not at all (the BLOBs of a save that never
+        finished are dropped when the store next opens)."""
         with self._lock, self._cursor() as cur:
             if cur.execute("SELECT count(*) FROM analyses WHERE id = ?",
                            [record.id]).fetchone()[0]:
                 return
-            cur.execute("BEGIN TRANSACTION")
+            writer = _BlobWriter(cur, record.id)
+            catalogue = []
             try:
                 for name, array in arrays.items():  # one encoded copy in memory at a time
                     blob = encode_array(array)
-                    cur.execute("INSERT INTO arrays (analysis_id, name, dtype, shape, data, nbytes)"
-                                " VALUES (?, ?, ?, ?, ?, ?)",
-                                [record.id, name, str(array.dtype), list(array.shape), blob,
-                                 len(blob)])
+                    catalogue.append([record.id, name, str(array.dtype), list(array.shape),
+                                      len(blob), writer.write(name, blob)])
                     del blob
+            except duckdb.OutOfMemoryException as e:
+                _drop_tables(cur, writer.prefix)
+                raise AtlasError(f"The cache could not hold an array of this analysis in memory "
+                                 f"({e}). Raise ATLAS_STORE_MEMORY_MB above its largest "
+                                 "array.") from None
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                if catalogue:
+                    cur.executemany("INSERT INTO arrays (analysis_id, name, dtype, shape, "
+                                    "nbytes, part) VALUES (?, ?, ?, ?, ?, ?)", catalogue)
                 cur.execute(
                     "INSERT INTO analyses (id, kind, model, model_fingerprint, text, params, meta)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -173,6 +270,16 @@ class Store:
             except Exception:
                 cur.execute("ROLLBACK")
                 raise
+
+    def _drop_unfinished_saves(self) -> None:
+        """Drop tables of BLOBs whose analysis was never committed (a save killed midway)."""
+        with self._lock, self._cursor() as cur:
+            committed = {blob_tables(i) for (i,) in cur.execute("SELECT id FROM analyses")
+                         .fetchall()}
+            for (table,) in cur.execute("SELECT table_name FROM duckdb_tables() WHERE "
+                                        "starts_with(table_name, 'blobs_')").fetchall():
+                if table.rsplit("_", 1)[0] not in committed:
+                    cur.execute(f"DROP TABLE {table}")
 
     def load(self, analysis_id: str) -> AnalysisRecord:
         with self._cursor() as cur:
@@ -186,8 +293,10 @@ class Store:
 
     def load_array(self, analysis_id: str, name: str) -> np.ndarray:
         with self._cursor() as cur:
-            row = cur.execute("SELECT data FROM arrays WHERE analysis_id = ? AND name = ?",
-                              [analysis_id, name]).fetchone()
+            part = cur.execute("SELECT part FROM arrays WHERE analysis_id = ? AND name = ?",
+                               [analysis_id, name]).fetchone()
+            row = part and cur.execute(f"SELECT data FROM {blob_tables(analysis_id)}_{part[0]} "
+                                       "WHERE name = ?", [name]).fetchone()
         if row is None:
             raise NotFoundError(f"Analysis '{analysis_id}' has no array '{name}'.")
         return decode_array(row[0])

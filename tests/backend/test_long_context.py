@@ -23,6 +23,7 @@ from backend.methods.binning import bin_matrix
 from backend.methods.heads import roles
 from backend.methods.rollout import attention_rollout, exclude_first_token
 from backend.service import AtlasService
+from backend.store import blob_tables
 
 OLD_CACHE = Path(__file__).parent / "data" / "cache_schema2.duckdb"
 OLD_SMOLLM2 = "53d357ca05832553ccc1069f"  # "The cat sat on the mat. It was warm."
@@ -186,10 +187,12 @@ def old_cache(tmp_path, settings):
 
 
 def test_old_cache_is_migrated_and_its_analyses_read_through_every_view(old_cache):
-    assert old_cache.store.schema_version == 3
-    with old_cache.store._cursor() as cur:
-        assert cur.execute("SELECT count(*) FROM arrays WHERE nbytes IS NULL OR "
-                           "nbytes != octet_length(data)").fetchone()[0] == 0
+    assert old_cache.store.schema_version == 4
+    with old_cache.store._cursor() as cur:  # every catalogued array has its BLOB, of its size
+        for aid, name, nbytes, part in cur.execute("SELECT analysis_id, name, nbytes, part "
+                                                   "FROM arrays").fetchall():
+            assert cur.execute(f"SELECT octet_length(data) FROM {blob_tables(aid)}_{part} "
+                               "WHERE name = ?", [name]).fetchone()[0] == nbytes
     for aid, n_layers, n_heads in [(OLD_SMOLLM2, 30, 9), (OLD_MINILM, 6, 12)]:
         record = old_cache.analysis(aid)
         assert "format" not in record.meta  # written by the previous code

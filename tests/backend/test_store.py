@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from backend.config import REPO_ROOT
-from backend.errors import NotFoundError
-from backend.store import MIGRATIONS, AnalysisRecord, Store, decode_array
+from backend.errors import AtlasError, NotFoundError
+from backend.store import (MIGRATIONS, PACK_BYTES, AnalysisRecord, Store, blob_tables,
+                           decode_array)
 
 
 def _record(aid: str, **kw) -> AnalysisRecord:
@@ -201,6 +202,10 @@ def test_killed_writer_leaves_committed_data_and_no_partial_analysis(tmp_path):
             "SELECT id FROM analyses UNION SELECT analysis_id FROM arrays").fetchall()}
     base = np.random.default_rng(0).random((N_LAYERS, 1024, 1024),
                                            dtype=np.float32).astype(np.float16)
+    with store._cursor() as cur:  # nor a table of BLOBs whose analysis was not committed
+        tables = {t for (t,) in cur.execute("SELECT table_name FROM duckdb_tables() WHERE "
+                                             "table_name LIKE 'blobs_%'").fetchall()}
+    assert {t.rsplit("_", 1)[0] for t in tables} == {blob_tables(i) for i in ids}
     b_ids = sorted(i for i in ids if i.startswith("B"))
     for bid in b_ids:
         # Never partial: a record implies all its arrays, and arrays imply their record.
@@ -229,3 +234,27 @@ def test_store_never_writes_pickles(tmp_path):
     with pytest.raises(ValueError):
         store.save(_record("obj"), {"x": np.array([object()], dtype=object)})
     assert not store.has("obj") and store.array_names("obj") == []
+
+
+def test_arrays_larger_than_the_store_memory_are_refused_clearly(tmp_path):
+    store = Store(tmp_path / "a.duckdb", memory_limit_bytes=16 << 20)
+    store.save(_record("fits"), {"x": np.ones(1 << 20, np.float32)})  # 4 MiB
+    with pytest.raises(AtlasError, match="ATLAS_STORE_MEMORY_MB"):
+        store.save(_record("big"), {"x": np.ones(16 << 20, np.float32)})  # 64 MiB
+    assert not store.has("big") and store.array_names("big") == []
+    np.testing.assert_array_equal(store.load_array("fits", "x"), np.ones(1 << 20, np.float32))
+
+
+def test_an_analysis_is_spread_over_tables_of_bounded_size(tmp_path):
+    """Each table of BLOBs holds at most PACK_BYTES, unless one array alone is larger."""
+    store = Store(tmp_path / "a.duckdb")
+    rng = np.random.default_rng(0)
+    arrays = {f"q{i}": rng.random(size, dtype=np.float32) for i, size in
+              enumerate([6 << 20, 6 << 20, 20 << 20, 1 << 10])}  # 24, 24, 80 MiB and 4 KiB
+    store.save(_record("wide"), arrays)
+    with store._cursor() as cur:
+        parts = dict(cur.execute("SELECT part, sum(nbytes) FROM arrays WHERE analysis_id = ? "
+                                 "GROUP BY part", ["wide"]).fetchall())
+    assert sorted(parts) == [0, 1, 2] and parts[0] <= PACK_BYTES and parts[1] > PACK_BYTES
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(store.load_array("wide", name), array)
