@@ -23,7 +23,9 @@ from urllib.parse import urlencode
 
 import numpy as np
 
-from backend.analyses import ANALYSES, AnalysisRequest
+from backend.analyses import KINDS, AnalysisRequest
+from backend.analyses.heads import ImportanceParams, PruningParams
+from backend.analyses.rollout import FlowParams
 from backend.config import Settings
 from backend.errors import InputError
 from backend.service import AtlasService
@@ -148,8 +150,8 @@ class Atlas:
                  **params) -> Result:
         """Run (or load from the cache) an analysis of `kind` with its parameters; shows the
         job's progress (stage, time left) while it runs."""
-        if kind not in ANALYSES:
-            raise InputError(f"Unknown analysis kind '{kind}'; known: {', '.join(ANALYSES)}.")
+        if kind not in KINDS:
+            raise InputError(f"Unknown analysis kind '{kind}'; known: {', '.join(KINDS)}.")
         ticket = self.service.submit(AnalysisRequest.make(kind, model, text, **params))
         aid = ticket.analysis_id or self._wait(ticket.job_id, timeout)
         record = self.service.analysis(aid)
@@ -182,7 +184,8 @@ class Atlas:
         """Every layer's and head's attention of `text` (exact weights on demand)."""
         return self.analysis("attention", model, text, **kw)
 
-    def attention_flow(self, model: str, text: str, head_fusion: str = "mean", **kw) -> Result:
+    def attention_flow(self, model: str, text: str, head_fusion: str = FlowParams.head_fusion,
+                       **kw) -> Result:
         """Attention flow (Abnar & Zuidema): array "flow" (query, key), raw max-flow values."""
         return self.analysis("attention_flow", model, text, head_fusion=head_fusion, **kw)
 
@@ -190,10 +193,9 @@ class Atlas:
                          **kw) -> Result:
         """Gradient-weighted rollout (Chefer et al.) for `target` (default: the last token):
         array "gradient_rollout" (layer, query, key)."""
-        params = {} if target is None else {"target": target}
-        return self.analysis("gradient_rollout", model, text, **params, **kw)
+        return self.analysis("gradient_rollout", model, text, target=target, **kw)
 
-    def head_importance(self, model: str, text: str, method: str = "gradient",
+    def head_importance(self, model: str, text: str, method: str = ImportanceParams.method,
                         **kw) -> Result:
         """Head importance by `method`: arrays "raw", "layer", "global", each (layer, head)."""
         return self.analysis("head_importance", model, text, method=method, **kw)
@@ -202,8 +204,8 @@ class Atlas:
         """Per-head role scores (previous-token, first-token, induction...), each (layer, head)."""
         return self.analysis("head_roles", model, text, **kw)
 
-    def pruning_curve(self, model: str, text: str, method: str = "gradient",
-                      recompute: bool = False, **kw) -> Result:
+    def pruning_curve(self, model: str, text: str, method: str = PruningParams.method,
+                      recompute: bool = PruningParams.recompute, **kw) -> Result:
         """Loss as heads are masked in order of importance vs at random."""
         return self.analysis("pruning_curve", model, text, method=method, recompute=recompute,
                              **kw)

@@ -182,20 +182,22 @@ class AtlasService(Comparisons):
         rollouts/s (None before a run)."""
         return engine_infos(self.settings, str(pick_device(self.settings)))
 
-    def resampling_estimate(self, trace_id: str, engine: str = EMBEDDED, rollouts: int = 4,
-                            chunks=None, **params) -> dict:
+    def resampling_estimate(self, trace_id: str, engine: str = EMBEDDED,
+                            rollouts: int | None = None, chunks=None, **params) -> dict:
         """Cost of a ta_resampling request on a trace before it starts: sentences sampled, and
         of their (full) rollouts: in all, already saved (reused), still to sample, seconds at
         the engine's measured rate (None before any run); `forced_to_sample`: the short
         forced-answer rollouts also to sample. `params`: the request's other parameters."""
         record = self.analysis(trace_id)
-        request = AnalysisRequest.make("ta_resampling", record.model, record.text,
-                                       **{**record.params, **params})
+        given = {**record.params, **params, **({} if rollouts is None else
+                                               {"rollouts": rollouts})}
+        request = AnalysisRequest.make("ta_resampling", record.model, record.text, **given)
+        rollouts = request.params["rollouts"]
         _, sampled = resampled_chunks(len(record.meta["chunks"]), chunks)
         pool = rollout_pool(request, source_fingerprint(resolve_source(record.model,
                                                                        self.settings)))
         todo = missing_rollouts(self.store, pool, sampled, int(rollouts),
-                                params.get("forced", True))
+                                request.params["forced"])
         plain = sum(missing for (_, forced), (_, missing) in todo.items() if not forced)
         rate = next((e["rollouts_per_s"] for e in self.rollout_engines() if e["name"] == engine),
                     None)

@@ -51,14 +51,18 @@ class Prompt:
         return min(default, self.max_new_tokens[i]) if self.max_new_tokens else default
 
 
+TEMPERATURE = 0.6  # the Thought Anchors reference runs
+TOP_P = 0.95
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature <= 0 is greedy. `stop_token_ids` end a continuation (not included in it).
     `stop_at_repetition`: end degenerate repetition (finish_reason "repetition").
     `answer_stop`: optional `AnswerStop` ending a continuation after its first complete answer."""
 
-    temperature: float = 0.6
-    top_p: float = 0.95
+    temperature: float = TEMPERATURE
+    top_p: float = TOP_P
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = 0

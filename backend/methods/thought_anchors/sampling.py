@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from backend.rollouts.base import Prompt, RolloutsCancelled, SamplingParams
+from backend.rollouts.base import TEMPERATURE, TOP_P, Prompt, RolloutsCancelled, SamplingParams
 from backend.rollouts.embedded import EmbeddedEngine
 from backend.rollouts.sampling import sample_next
 
@@ -23,8 +23,6 @@ from .segmentation import clean_resampling_prefix, resampling_prefix
 Progress = Callable[[float, str], None]
 SamplingCancelled = RolloutsCancelled
 
-TEMPERATURE = 0.6  # the reference runs
-TOP_P = 0.95
 MAX_NEW_TOKENS = 1024
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>",
               "<｜end▁of▁sentence｜>")
