@@ -21,14 +21,10 @@ from typing import Any, Callable
 import torch
 
 from backend.config import Settings
-from backend.errors import AtlasError
+from backend.errors import AtlasError, JobCancelled
 from backend.models import LoadedModel, load_model, resolve_source, source_fingerprint
 
 log = logging.getLogger(__name__)
-
-
-class JobCancelled(AtlasError):
-    """Raised inside a job when its cancellation was requested."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from backend.analyses.kind import Kind, NoParams, Task
-from backend.errors import InputError
 from backend.methods.capture import capture_attention
 from backend.methods.qk_capture import UnsupportedAttention, capture_layers
 from backend.methods.reductions import ROLE_NAMES, BlockMeans, HeadStatistics
@@ -86,11 +85,8 @@ def compute_attention(ctx, task: Task[NoParams]):
                     score_dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."),
                     rules=[layer.rule.to_json() for layer in layers])
     except UnsupportedAttention as e:
-        limit = ctx.settings.full_matrix_max_tokens
-        if n_tokens > limit:
-            raise InputError(f"{e} Its attention is shown as full maps, up to {limit:,} tokens; "
-                             f"this text has {n_tokens:,}. Shorten the text (or raise "
-                             "ATLAS_FULL_MATRIX_TOKENS).") from None
+        ctx.settings.check_full_matrix(n_tokens, f"{e} Its attention as full maps",
+                                       "Shorten the text.")
         maps = capture_attention(lm.model, ids, progress=ctx.span(0.35, 0.8))
         arrays = {layer_array_name(i): a for i, a in enumerate(maps)}
         meta.update(format="maps", n_layers=len(maps), n_heads=int(maps[0].shape[0]),

@@ -33,14 +33,14 @@ from backend.errors import InputError
 from backend.methods.capture import capture_attention
 from backend.methods.heads import (METHODS, LossFn, induction_scores, normalize_importance,
                                    pruning_curve, raw_importance, sentence_similarity_loss)
+from backend.methods.heads.importance import NORMALIZATIONS
+from backend.methods.heads.roles import LOCALITY_WINDOW
 from backend.methods.qk_capture import UnsupportedAttention, capture_layers
 from backend.methods.reductions import ROLE_NAMES, HeadStatistics
+from backend.methods.thought_anchors.receivers import PROXIMITY_IGNORE
 from backend.methods.tokens import model_context, tokenize
 
 STATISTICS = ("confidence", "entropy")  # importance methods that need no loss
-NORMALIZATIONS = {"layer": "layer", "global": "global", "raw": None}  # array name: normalize=
-LOCALITY_WINDOW = 8
-PROXIMITY_IGNORE = 4
 INDUCTION = {"n_tokens": 50, "n_sequences": 2, "seed": 0}
 PRUNING_STEP = 0.05
 PRUNING_SEED = 0
@@ -172,7 +172,7 @@ def compute_head_importance(ctx, task: Task[ImportanceParams]):
     data = loss_input(lm, request.text, ctx.settings.max_tokens, method)
     ctx.progress(0.3, f"{method.capitalize()} importance on {data.meta['n_tokens']} tokens")
     raw = _raw_importance(lm, request.text, data, method, ctx.span(0.3, 0.85))
-    arrays = {name: normalize_importance(raw, how) for name, how in NORMALIZATIONS.items()}
+    arrays = {how: normalize_importance(raw, how) for how in NORMALIZATIONS}
     return _record(task, lm, {"method": method, **data.meta}), arrays
 
 

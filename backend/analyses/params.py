@@ -78,11 +78,12 @@ class Declared:
         if self.base is bool:
             if not isinstance(value, bool):
                 raise InputError(f"{kind}: '{name}' must be true or false, got {value!r}.")
-        elif self.base is str:
-            check_text(value, field=f"{kind} parameter '{name}'", required=False)
-            if self.choices and value not in self.choices:
+        elif self.choices:
+            if value not in self.choices:
                 raise InputError(f"{kind}: '{name}' must be one of {', '.join(self.choices)}; "
                                  f"got {value!r}.")
+        elif self.base is str:
+            check_text(value, field=f"{kind} parameter '{name}'", required=False)
         else:
             numeric = (int,) if self.base is int else (int, float)
             if isinstance(value, bool) or not isinstance(value, numeric) or \

@@ -24,10 +24,6 @@ REPEAT_MAX_PERIOD = 40
 FINISH_REASONS = ("stop", "answer", "repetition", "length")
 
 
-class RolloutsCancelled(AtlasError):
-    """should_stop() returned True: the continuations yielded so far are all there is."""
-
-
 class EngineError(AtlasError):
     """An engine could not produce rollouts (a server down, a model it cannot run)."""
 
@@ -163,7 +159,8 @@ Progress = Callable[[RolloutMeter], None]
 
 class RolloutEngine(Protocol):
     """What resampling and trace generation call. `run` yields continuations as they finish and
-    polls `should_stop` (raises RolloutsCancelled); `progress` gets the meter after each one."""
+    polls `should_stop` (raises JobCancelled: the continuations yielded so far are all there
+    is); `progress` gets the meter after each one."""
 
     name: str
 
