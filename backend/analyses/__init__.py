@@ -2,7 +2,7 @@
 requests and cache keys, and the one dispatcher that runs them."""
 
 from backend.analyses import attention, heads, long_context, rollout, thought_anchors
-from backend.analyses.kind import Kind, Task
+from backend.analyses.kind import Kind, NamedArrays, Result, Task
 from backend.analyses.params import parse
 from backend.analyses.request import CODE_VERSION, AnalysisRequest, analysis_id
 from backend.errors import InputError
@@ -23,11 +23,18 @@ def kind_of(request: AnalysisRequest) -> Kind:
 
 
 def compute(ctx, request: AnalysisRequest, aid: str, store):
-    """(AnalysisRecord, {name: array}) of the request's kind."""
+    """(AnalysisRecord, {name: array}) of the request's kind: its result, as it is stored."""
     kind = kind_of(request)
     task = Task(request, parse(kind.name, kind.params, request.params), aid,
                 store if kind.resumable else None)
-    return kind.compute(ctx, task)
+    result = kind.compute(ctx, task)
+    return result.record, result.arrays()
+
+
+def load(store, aid: str) -> Result:
+    """A stored analysis as its kind's typed result (an imported or unknown kind: by name)."""
+    kind = KINDS.get(store.load(aid).kind)
+    return (kind.result if kind else NamedArrays).load(store, aid)
 
 
 def validate(request: AnalysisRequest) -> None:
@@ -37,5 +44,5 @@ def validate(request: AnalysisRequest) -> None:
     parse(kind.name, kind.params, request.params)
 
 
-__all__ = ["CODE_VERSION", "KINDS", "MAX_TEXT_CHARS", "AnalysisRequest", "Kind", "Task",
-           "analysis_id", "compute", "validate"]
+__all__ = ["CODE_VERSION", "KINDS", "MAX_TEXT_CHARS", "AnalysisRequest", "Kind", "Result",
+           "Task", "analysis_id", "compute", "load", "validate"]

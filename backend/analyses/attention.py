@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from backend.analyses.kind import Kind, NoParams, Task
+from backend.analyses.kind import Kind, NamedArrays, NoParams, Task
 from backend.methods.capture import capture_attention
 from backend.methods.qk_capture import UnsupportedAttention, capture_layers
 from backend.methods.reductions import ROLE_NAMES, BlockMeans, HeadStatistics
@@ -91,7 +91,7 @@ def compute_attention(ctx, task: Task[NoParams]):
         arrays = {layer_array_name(i): a for i, a in enumerate(maps)}
         meta.update(format="maps", n_layers=len(maps), n_heads=int(maps[0].shape[0]),
                     refused=str(e))
-    return task.record(lm.fingerprint, meta), arrays
+    return NamedArrays(task.record(lm.fingerprint, meta), arrays)
 
 
 ATTENTION = Kind("attention", NoParams, compute_attention)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from backend.analyses.kind import Kind, NoParams, Task
+from backend.analyses.kind import Kind, NoParams, Result, Task, stored
 from backend.analyses.params import param
 from backend.errors import InputError
 from backend.methods.capture import capture_attention
@@ -65,6 +65,46 @@ class PruningParams:
 
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
 _WORD_BREAK = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class ImportanceResult(Result):
+    """(layer, head) float64 each: raw scores and their normalisations (NORMALIZATIONS)."""
+
+    raw: np.ndarray
+    layer: np.ndarray
+    global_: np.ndarray = stored("global")
+
+
+@dataclass(frozen=True)
+class RolesResult(Result):
+    """scores: role (ROLES) -> (layer, head) float64; roles a short text cannot give are left
+    out (meta["unavailable"] says why)."""
+
+    scores: dict[str, np.ndarray]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return dict(self.scores)
+
+    @classmethod
+    def load(cls, store, aid: str) -> "RolesResult":
+        present = set(store.array_names(aid))
+        return cls(store.load(aid), {name: store.load_array(aid, name) for name in ROLES
+                                     if name in present})
+
+
+@dataclass(frozen=True)
+class PruningResult(Result):
+    """fractions (step,) of heads masked; loss after each step (step,) and the masking order
+    (layer * head,) flat head indices, by importance and at random; importance (layer, head):
+    the layer-normalised scores of the first step (None when recomputed at every step)."""
+
+    fractions: np.ndarray
+    loss_importance: np.ndarray
+    loss_random: np.ndarray
+    order_importance: np.ndarray
+    order_random: np.ndarray
+    importance: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------- the loss
@@ -173,7 +213,8 @@ def compute_head_importance(ctx, task: Task[ImportanceParams]):
     ctx.progress(0.3, f"{method.capitalize()} importance on {data.meta['n_tokens']} tokens")
     raw = _raw_importance(lm, request.text, data, method, ctx.span(0.3, 0.85))
     arrays = {how: normalize_importance(raw, how) for how in NORMALIZATIONS}
-    return _record(task, lm, {"method": method, **data.meta}), arrays
+    return ImportanceResult(_record(task, lm, {"method": method, **data.meta}), arrays["raw"],
+                            arrays["layer"], arrays["global"])
 
 
 def compute_head_roles(ctx, task: Task[NoParams]):
@@ -208,7 +249,7 @@ def compute_head_roles(ctx, task: Task[NoParams]):
     arrays["induction"] = _induction(lm, ctx.span(0.5, 0.85)).astype(np.float64)
     meta = {"n_tokens": len(tokens.ids), "unavailable": unavailable, "induction": INDUCTION,
             "locality_window": LOCALITY_WINDOW, "proximity_ignore": PROXIMITY_IGNORE}
-    return _record(task, lm, meta), arrays
+    return RolesResult(_record(task, lm, meta), arrays)
 
 
 def compute_pruning_curve(ctx, task: Task[PruningParams]):
@@ -230,20 +271,20 @@ def compute_pruning_curve(ctx, task: Task[PruningParams]):
     curve = pruning_curve(lm.model, loss.input_ids, method, loss.loss_fn, importance=importance,
                           recompute=recompute, step=PRUNING_STEP, seed=PRUNING_SEED,
                           progress=ctx.span(0.45 if importance is not None else 0.3, 0.85))
-    arrays = {"fractions": curve.fractions.astype(np.float64)}
-    for order in curve.loss:
-        arrays[f"loss_{order}"] = np.asarray(curve.loss[order], dtype=np.float64)
-        arrays[f"order_{order}"] = np.asarray(curve.order[order], dtype=np.int64)
-    if importance is not None:
-        arrays["importance"] = np.asarray(importance, dtype=np.float64)
+    losses = {order: np.asarray(curve.loss[order], dtype=np.float64) for order in curve.loss}
+    orders = {order: np.asarray(curve.order[order], dtype=np.int64) for order in curve.order}
     meta = {"method": method, "recompute": recompute, "step": PRUNING_STEP,
             "seed": PRUNING_SEED, **loss.meta}
-    return _record(task, lm, meta), arrays
+    return PruningResult(_record(task, lm, meta), curve.fractions.astype(np.float64),
+                         losses["importance"], losses["random"], orders["importance"],
+                         orders["random"],
+                         None if importance is None else np.asarray(importance, np.float64))
 
 
-HEAD_IMPORTANCE = Kind("head_importance", ImportanceParams, compute_head_importance)
-HEAD_ROLES = Kind("head_roles", NoParams, compute_head_roles)
-PRUNING_CURVE = Kind("pruning_curve", PruningParams, compute_pruning_curve)
+HEAD_IMPORTANCE = Kind("head_importance", ImportanceParams, compute_head_importance,
+                       ImportanceResult)
+HEAD_ROLES = Kind("head_roles", NoParams, compute_head_roles, RolesResult)
+PRUNING_CURVE = Kind("pruning_curve", PruningParams, compute_pruning_curve, PruningResult)
 
 
 # --------------------------------------------------------------------------- for the views

@@ -1,14 +1,16 @@
-"""What an analysis kind declares: its parameters, its computation and its capabilities.
+"""What an analysis kind declares: its parameters, its computation, its result and its
+capabilities.
 
-A kind's module defines its parameters as a frozen dataclass (see backend.analyses.params), a
-`compute(ctx, task) -> (AnalysisRecord, {name: array})` function, and one `Kind` naming them;
-the registry (`backend.analyses.KINDS`) lists the kinds.
+A kind's module defines its parameters as a frozen dataclass (see backend.analyses.params), its
+result as a `Result` dataclass with one field per stored array, a `compute(ctx, task) -> result`
+function, and one `Kind` naming them; the registry (`backend.analyses.KINDS`) lists the kinds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -37,18 +39,99 @@ class Task(Generic[P]):
                               meta)
 
 
-Compute = Callable[[Any, Task], "tuple[AnalysisRecord, dict[str, np.ndarray]]"]
+def stored(name: str, default: Any = dataclasses.MISSING) -> Any:
+    """A result field stored under another name than its own (`self`, `global`)."""
+    return field(default=default, metadata={"stored": name})
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished analysis: its record, and in a kind's subclass one field per stored array
+    (stored under the field's name unless `stored(...)` says otherwise; None: not stored, as a
+    role a short text cannot give). `save` and `load` go through the store."""
+
+    record: AnalysisRecord
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def kind(self) -> str:
+        return self.record.kind
+
+    @property
+    def model(self) -> str:
+        return self.record.model
+
+    @property
+    def text(self) -> str:
+        return self.record.text
+
+    @property
+    def meta(self) -> dict:
+        return self.record.meta
+
+    @classmethod
+    def _stored_names(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("stored", f.name) for f in dataclasses.fields(cls)
+                if f.name != "record" and f.metadata.get("array", True)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """{stored name: array} of what this result holds."""
+        return {name: getattr(self, attr) for attr, name in self._stored_names().items()
+                if getattr(self, attr) is not None}
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.arrays())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        arrays = self.arrays()
+        if name not in arrays:
+            raise KeyError(f"A {self.kind} analysis has no array '{name}'; it has: "
+                           f"{', '.join(sorted(arrays)) or 'none'}.")
+        return arrays[name]
+
+    def save(self, store) -> None:
+        store.save(self.record, self.arrays())
+
+    @classmethod
+    def load(cls, store, aid: str) -> "Result":
+        record = store.load(aid)
+        present = set(store.array_names(aid))
+        return cls(record, **{attr: store.load_array(aid, name) if name in present else None
+                              for attr, name in cls._stored_names().items()})
+
+
+@dataclass(frozen=True)
+class NamedArrays(Result):
+    """A result whose array names follow its input (one per layer, per metric): name -> array."""
+
+    named: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return dict(self.named)
+
+    @classmethod
+    def load(cls, store, aid: str) -> "NamedArrays":
+        return cls(store.load(aid), {n: store.load_array(aid, n) for n in store.array_names(aid)})
+
+
+Compute = Callable[[Any, Task], Result]
 
 
 @dataclass(frozen=True)
 class Kind:
-    """name: what requests and records call it. params: its parameters' dataclass.
-    resumable: it saves partial results in the store as it goes (Thought Anchors rollouts), so
-    a restarted or extended job continues where the last one stopped; it is given the store."""
+    """name: what requests and records call it. params: its parameters' dataclass. result: its
+    result's dataclass. resumable: it saves partial results in the store as it goes (Thought
+    Anchors rollouts), so a restarted or extended job continues where the last one stopped; it
+    is given the store."""
 
     name: str
     params: type
     compute: Compute
+    result: type[Result] = NamedArrays
     resumable: bool = False
 
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from backend.analyses.kind import Kind, Task
+from backend.analyses.kind import Kind, NamedArrays, Task
 from backend.analyses.params import defaults, from_query, param
 from backend.analyses.request import AnalysisRequest
 from backend.errors import InputError
@@ -159,7 +159,7 @@ def compute_long_context_heads(ctx, task: Task[ProbeParams]):
     meta = {"n_layers": lm.n_layers, "n_heads": lm.n_heads, "model_label": lm.source.label,
             "trials": metas, "settings": p, "passkey_tokens": len(ids),
             "passkey_queries": len(ids) - question_at}
-    return task.record(lm.fingerprint, meta), arrays
+    return NamedArrays(task.record(lm.fingerprint, meta), arrays)
 
 
 LONG_CONTEXT_HEADS = Kind(KIND, ProbeParams, compute_long_context_heads)

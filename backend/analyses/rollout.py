@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from backend.analyses.kind import Kind, Task
+from backend.analyses.kind import Kind, Result, Task
 from backend.analyses.params import param
 from backend.errors import InputError
 from backend.methods.capture import capture_attention
@@ -34,6 +34,16 @@ class GradientRolloutParams:
     target: int | None = param(None, low=0, high=10 ** 9)  # its real bound: the text's length
 
 
+@dataclass(frozen=True)
+class FlowResult(Result):
+    flow: np.ndarray  # (query, key) float64 raw max-flow values; rows are normalised when shown
+
+
+@dataclass(frozen=True)
+class GradientRolloutResult(Result):
+    gradient_rollout: np.ndarray  # (layer, query, key) float32
+
+
 def compute_flow(ctx, task: Task[FlowParams]):
     """Raw max-flow values (query, key), float64: rows are normalised when shown."""
     request = task.request
@@ -46,7 +56,7 @@ def compute_flow(ctx, task: Task[FlowParams]):
                                reduce=lambda layer, w: w[0].float().cpu().numpy())
     flow = attention_flow(np.stack(layers), task.params.head_fusion, normalize=False,
                           progress=ctx.span(0.35, 0.95))
-    return task.record(lm.fingerprint, {"n_tokens": len(tokens.ids)}), {"flow": flow}
+    return FlowResult(task.record(lm.fingerprint, {"n_tokens": len(tokens.ids)}), flow)
 
 
 def compute_gradient_rollout(ctx, task: Task[GradientRolloutParams]):
@@ -61,9 +71,10 @@ def compute_gradient_rollout(ctx, task: Task[GradientRolloutParams]):
     attention, gradients = attention_and_gradients(lm.model, torch.tensor([tokens.ids]), target,
                                                    lm.causal)
     rollout = gradient_rollout(attention, gradients).astype(np.float32)
-    return (task.record(lm.fingerprint, {"n_tokens": len(tokens.ids)}),
-            {"gradient_rollout": rollout})
+    return GradientRolloutResult(task.record(lm.fingerprint, {"n_tokens": len(tokens.ids)}),
+                                 rollout)
 
 
-ATTENTION_FLOW = Kind("attention_flow", FlowParams, compute_flow)
-GRADIENT_ROLLOUT = Kind("gradient_rollout", GradientRolloutParams, compute_gradient_rollout)
+ATTENTION_FLOW = Kind("attention_flow", FlowParams, compute_flow, FlowResult)
+GRADIENT_ROLLOUT = Kind("gradient_rollout", GradientRolloutParams, compute_gradient_rollout,
+                        GradientRolloutResult)

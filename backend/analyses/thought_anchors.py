@@ -8,13 +8,14 @@ the trace, so the white-box passes see what the resampling continues from.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from backend.analyses.kind import Kind, Task
+from backend.analyses.kind import Kind, Result, Task
 from backend.analyses.params import param
 from backend.analyses.request import AnalysisRequest, analysis_id
 from backend.errors import InputError
@@ -45,10 +46,48 @@ MAX_GENERATED_TOKENS = 131_072  # a sanity bound: the server caps rollouts lower
 MAX_ROLLOUTS = 1000
 SEEDS = 2 ** 31 - 1
 FORCED_TOKENS = 12  # the forced answer follows "\\boxed{" at once
-METRICS = ("accuracy", "resampling_importance_accuracy", "resampling_importance_kl",
-           "counterfactual_importance_accuracy", "counterfactual_importance_kl",
-           "forced_importance_accuracy", "forced_importance_kl",
-           "different_trajectories_fraction", "overdeterminedness")
+
+
+@dataclass(frozen=True)
+class ReceiversResult(Result):
+    """sentence_attention (layer, head, sentence, sentence) float16; vertical (layer, head,
+    sentence); kurtosis (layer, head); receiver_heads (k, 2) (layer, head) pairs;
+    receiver_scores (sentence,)."""
+
+    sentence_attention: np.ndarray
+    vertical: np.ndarray
+    kurtosis: np.ndarray
+    receiver_heads: np.ndarray
+    receiver_scores: np.ndarray
+
+
+@dataclass(frozen=True)
+class SuppressionResult(Result):
+    """(source, target) sentence matrices: mean log-KL, and row-centred as published."""
+
+    suppression: np.ndarray
+    suppression_normalized: np.ndarray
+
+
+@dataclass(frozen=True)
+class ResamplingResult(Result):
+    """Per sentence (sentence,) float64, NaN for those not resampled: the metrics of the spec;
+    counterfactual (sentence, sentence) M[i, j]."""
+
+    accuracy: np.ndarray
+    resampling_importance_accuracy: np.ndarray
+    resampling_importance_kl: np.ndarray
+    counterfactual_importance_accuracy: np.ndarray
+    counterfactual_importance_kl: np.ndarray
+    forced_importance_accuracy: np.ndarray
+    forced_importance_kl: np.ndarray
+    different_trajectories_fraction: np.ndarray
+    overdeterminedness: np.ndarray
+    counterfactual: np.ndarray
+
+
+METRICS = tuple(f.name for f in dataclasses.fields(ResamplingResult)
+                if f.name not in ("record", "counterfactual"))
 
 
 @dataclass(frozen=True)
@@ -131,7 +170,7 @@ def compute_trace(ctx, task: Task[TraceParams]):
             "tags_source": "heuristic", "problem": params.problem,
             "answer": params.answer or extract_boxed_answer(request.text),
             "model_label": lm.source.label}
-    return task.record(lm.fingerprint, meta), {}
+    return Result(task.record(lm.fingerprint, meta))
 
 
 def _sampling(params: GenerationParams, lm, seed: int, answer_stop: bool) -> SamplingParams:
@@ -167,7 +206,7 @@ def compute_generation(ctx, task: Task[GenerationParams]):
                             lambda: ctx.cancelled))
     meta = {"solution": out.text, "answer": extract_boxed_answer(out.text),
             "finish_reason": out.finish_reason, "degenerate": out.finish_reason == "repetition"}
-    return task.record(lm.fingerprint, meta), {}
+    return Result(task.record(lm.fingerprint, meta))
 
 
 def compute_receivers(ctx, task: Task[ReceiverParams]):
@@ -187,10 +226,9 @@ def compute_receivers(ctx, task: Task[ReceiverParams]):
     heads = np.array(top, dtype=np.int64).reshape(-1, 2)
     meta = {"n_chunks": len(chunks), "n_tokens": int(ids.shape[1]),
             "proximity_ignore": proximity}
-    return task.record(lm.fingerprint, meta), {
-        "sentence_attention": blocks.astype(np.float16), "vertical": vertical,
-        "kurtosis": kurtosis, "receiver_heads": heads,
-        "receiver_scores": receiver_scores(vertical, [tuple(h) for h in heads])}
+    return ReceiversResult(task.record(lm.fingerprint, meta), blocks.astype(np.float16),
+                           vertical, kurtosis, heads,
+                           receiver_scores(vertical, [tuple(h) for h in heads]))
 
 
 def compute_suppression(ctx, task: Task[SuppressionParams]):
@@ -203,8 +241,8 @@ def compute_suppression(ctx, task: Task[SuppressionParams]):
     log_kl = suppression_log_kl(lm.model, ids, spans, temperature=task.params.temperature,
                                 progress=ctx.span(0.3, 0.95))
     raw, normalized = suppression_scores(log_kl, spans)  # (target, source)
-    return task.record(lm.fingerprint, {"n_tokens": int(ids.shape[1])}), {
-        "suppression": raw.T, "suppression_normalized": normalized.T}
+    return SuppressionResult(task.record(lm.fingerprint, {"n_tokens": int(ids.shape[1])}),
+                             raw.T, normalized.T)
 
 
 def _rollout_row(c: Continuation, reference: str | None) -> dict:
@@ -328,14 +366,15 @@ def compute_resampling(ctx, task: Task[ResamplingParams]):
     meta = {"n_chunks": len(chunks), "rollouts": n_rollouts, "reference_answer": reference,
             "chunks": selected, "engine": engine_name, "rollout_pool": pool,
             "rollouts_per_s": RATES.get(engine_name)}
-    return task.record(lm.fingerprint, meta), arrays
+    return ResamplingResult(task.record(lm.fingerprint, meta), **arrays)
 
 
-TRACE = Kind("ta_trace", TraceParams, compute_trace)
-GENERATION = Kind("ta_generate", GenerationParams, compute_generation)
-RECEIVERS = Kind("ta_receivers", ReceiverParams, compute_receivers)
-SUPPRESSION = Kind("ta_suppression", SuppressionParams, compute_suppression)
-RESAMPLING = Kind("ta_resampling", ResamplingParams, compute_resampling, resumable=True)
+TRACE = Kind("ta_trace", TraceParams, compute_trace, Result)
+GENERATION = Kind("ta_generate", GenerationParams, compute_generation, Result)
+RECEIVERS = Kind("ta_receivers", ReceiverParams, compute_receivers, ReceiversResult)
+SUPPRESSION = Kind("ta_suppression", SuppressionParams, compute_suppression, SuppressionResult)
+RESAMPLING = Kind("ta_resampling", ResamplingParams, compute_resampling, ResamplingResult,
+                  resumable=True)
 
 
 def counterfactual_matrix_of(chunks: list[str], saved: list[dict]) -> np.ndarray:

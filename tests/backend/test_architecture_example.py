@@ -60,3 +60,6 @@ def test_the_documented_default_is_one_cache_entry_and_bits_are_nats_over_ln2(ro
     assert bits != nats
     np.testing.assert_allclose(service.array(bits, "row_entropy"),
                                service.array(nats, "row_entropy") / np.log(2), rtol=1e-6)
+    typed = analyses.load(service.store, bits)  # the kind's own result type, from the store
+    assert isinstance(typed, row_entropy.RowEntropyResult)
+    np.testing.assert_array_equal(typed.row_entropy, service.array(bits, "row_entropy"))
