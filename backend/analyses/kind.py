@@ -39,9 +39,9 @@ class Task(Generic[P]):
                               meta)
 
 
-def stored(name: str, default: Any = dataclasses.MISSING) -> Any:
-    """A result field stored under another name than its own (`self`, `global`)."""
-    return field(default=default, metadata={"stored": name})
+def stored(name: str) -> Any:
+    """A result field stored under another name than its own (`global`, a Python keyword)."""
+    return field(metadata={"stored": name})
 
 
 @dataclass(frozen=True)
@@ -52,25 +52,12 @@ class Result:
 
     record: AnalysisRecord
 
-    @property
-    def id(self) -> str:
-        return self.record.id
-
-    @property
-    def kind(self) -> str:
-        return self.record.kind
-
-    @property
-    def model(self) -> str:
-        return self.record.model
-
-    @property
-    def text(self) -> str:
-        return self.record.text
-
-    @property
-    def meta(self) -> dict:
-        return self.record.meta
+    # The record's identity, as attributes of the result.
+    id = property(lambda self: self.record.id)
+    kind = property(lambda self: self.record.kind)
+    model = property(lambda self: self.record.model)
+    text = property(lambda self: self.record.text)
+    meta = property(lambda self: self.record.meta)
 
     @classmethod
     def _stored_names(cls) -> dict[str, str]:

@@ -34,6 +34,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
 from backend.errors import InputError, JobCancelled
+from backend.progress import Progress
 
 HEAD_FUSIONS = ("mean", "max", "min")
 _SCALE = 2**30  # integer capacity = floor(capacity * _SCALE); capacities are <= 1
@@ -179,7 +180,7 @@ def attention_flow(
     attn,
     head_fusion: str = "mean",
     normalize: bool = True,
-    progress: Callable[[float, str], None] | None = None,
+    progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """Max-flow from every top-layer token (L, i) to every input token (0, j).

@@ -15,15 +15,15 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from backend.config import Settings
 from backend.models.fingerprint import file_sha256
 from backend.models.sources import ModelSource, assemble_packaged, declared_sha256
+from backend.progress import Progress
 
-Progress = Callable[[float, str], None]
 _conversion_lock = threading.Lock()
 
 

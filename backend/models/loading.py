@@ -11,7 +11,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer,
@@ -25,10 +24,10 @@ from backend.errors import ModelLoadError
 from backend.models.conversion import convert_gguf, is_converted
 from backend.models.fingerprint import weights_fingerprint
 from backend.models.sources import ModelSource, check_config, declared_sha256
+from backend.progress import Progress
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we run our own worker threads
-Progress = Callable[[float, str], None]
 
 
 @dataclass

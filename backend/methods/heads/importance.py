@@ -22,8 +22,8 @@ from backend.methods.capture import capture_attention
 from backend.methods.heads.gates import gate_shape, head_gates
 from backend.methods.heads.losses import LossFn, default_loss, is_causal_lm, rows_per_example
 from backend.methods.heads.roles import attention_confidence, attention_entropy
+from backend.progress import Progress
 
-Progress = Callable[[float, str], None]
 METHODS = ("gradient", "ablation", "confidence", "entropy")
 NORMALIZATIONS = ("layer", "global", "raw")  # also the names of the stored arrays
 # Float elements of the widest activation per pass on a CPU (128 MiB fp32). Larger passes were

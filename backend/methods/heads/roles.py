@@ -31,6 +31,7 @@ from backend.errors import InputError
 from backend.methods.capture import capture_attention
 from backend.methods.thought_anchors.receivers import (PROXIMITY_IGNORE, head_kurtosis,
                                                        vertical_scores)
+from backend.progress import Progress
 
 LOCALITY_WINDOW = 8  # tokens: a head attending within it counts as local
 
@@ -153,7 +154,7 @@ def repeated_random_tokens(model: nn.Module, n_tokens: int = 50, seed: int = 0,
 
 
 def induction_scores(model: nn.Module, n_tokens: int = 50, seed: int = 0, n_sequences: int = 4,
-                     progress: Callable[[float, str], None] | None = None) -> np.ndarray:
+                     progress: Progress | None = None) -> np.ndarray:
     """Induction score per head, (layer, head), on `n_sequences` random sequences of `n_tokens`
     tokens each repeated twice (seeded), averaged over the sequences."""
     ids, start = repeated_random_tokens(model, n_tokens, seed, n_sequences)

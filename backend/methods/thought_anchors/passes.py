@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from backend.errors import JobCancelled
+from backend.progress import Progress
 
 from ..capture import capture_attention
 from ..qk_capture import UnsupportedAttention, capture_layers
@@ -31,7 +32,6 @@ from .suppression import (
     suppression_mask, suppression_matrix, token_log_kl,
 )
 
-Progress = Callable[[float, str], None]
 Span = tuple[int, int]
 
 MAX_BATCH = 8  # suppressed variants per forward pass, at most

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from backend.progress import Progress
 from backend.rollouts.base import TEMPERATURE, TOP_P, Prompt, SamplingParams
 from backend.rollouts.embedded import EmbeddedEngine
 from backend.rollouts.sampling import sample_next
@@ -20,7 +21,6 @@ from backend.rollouts.sampling import sample_next
 from .resampling import rollout_prompt
 from .segmentation import clean_resampling_prefix, resampling_prefix
 
-Progress = Callable[[float, str], None]
 
 MAX_NEW_TOKENS = 1024
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>",
