@@ -23,11 +23,15 @@ from urllib.parse import urlencode
 
 import numpy as np
 
-from backend.analyses import ANALYSES, AnalysisRequest
+from backend import analyses
+from backend.analyses import KINDS, AnalysisRequest, Result
+from backend.analyses.heads import (ImportanceParams, ImportanceResult, PruningParams,
+                                    PruningResult, RolesResult)
+from backend.analyses.rollout import FlowParams, FlowResult, GradientRolloutResult
+from backend.analyses.thought_anchors import ReceiversResult, ResamplingResult, SuppressionResult
 from backend.config import Settings
 from backend.errors import InputError
 from backend.service import AtlasService
-from backend.store import AnalysisRecord
 
 DEFAULT_APP_URL = "http://localhost:8501"
 # The query parameter that carries a view's analysis id (the app's links use the same names).
@@ -37,35 +41,14 @@ VIEWS = ("overview", "explore", "head_grid", "head_importance", "rollout", "thou
 
 
 @dataclass(frozen=True)
-class Result:
-    """A finished analysis of any kind: its record and its stored arrays by name."""
+class AttentionResult(Result):
+    """An attention analysis: tokens, shape, and exact weights recomputed on demand (its stored
+    arrays load one at a time, by name)."""
 
-    record: AnalysisRecord
-    service: AtlasService = field(repr=False, compare=False)
-
-    @property
-    def id(self) -> str:
-        return self.record.id
-
-    @property
-    def kind(self) -> str:
-        return self.record.kind
-
-    @property
-    def model(self) -> str:
-        return self.record.model
-
-    @property
-    def text(self) -> str:
-        return self.record.text
-
-    @property
-    def meta(self) -> dict:
-        return self.record.meta
+    service: AtlasService = field(repr=False, compare=False, metadata={"array": False})
 
     @property
     def names(self) -> list[str]:
-        """The names of the arrays this analysis stored."""
         return self.service.array_names(self.id)
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -74,10 +57,8 @@ class Result:
                            f"{', '.join(self.names) or 'none'}.")
         return self.service.array(self.id, name)
 
-
-@dataclass(frozen=True)
-class AttentionResult(Result):
-    """An attention analysis: tokens, shape, and exact weights recomputed on demand."""
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: self[name] for name in self.names}
 
     @property
     def tokens(self) -> list[str]:
@@ -148,17 +129,18 @@ class Atlas:
                  **params) -> Result:
         """Run (or load from the cache) an analysis of `kind` with its parameters; shows the
         job's progress (stage, time left) while it runs."""
-        if kind not in ANALYSES:
-            raise InputError(f"Unknown analysis kind '{kind}'; known: {', '.join(ANALYSES)}.")
+        if kind not in KINDS:
+            raise InputError(f"Unknown analysis kind '{kind}'; known: {', '.join(KINDS)}.")
         ticket = self.service.submit(AnalysisRequest.make(kind, model, text, **params))
-        aid = ticket.analysis_id or self._wait(ticket.job_id, timeout)
-        record = self.service.analysis(aid)
-        return (AttentionResult if record.kind == "attention" else Result)(record, self.service)
+        return self.load(ticket.analysis_id or self._wait(ticket.job_id, timeout))
 
     def load(self, aid: str) -> Result:
-        """A cached analysis by id (what the app's links carry as `a` or `t`)."""
+        """A cached analysis by id (what the app's links carry as `a` or `t`), as its kind's
+        typed result."""
         record = self.service.analysis(aid)
-        return (AttentionResult if record.kind == "attention" else Result)(record, self.service)
+        if record.kind == "attention":
+            return AttentionResult(record, self.service)
+        return analyses.load(self.service.store, aid)
 
     def _wait(self, job_id: str, timeout: float | None) -> str:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -182,28 +164,29 @@ class Atlas:
         """Every layer's and head's attention of `text` (exact weights on demand)."""
         return self.analysis("attention", model, text, **kw)
 
-    def attention_flow(self, model: str, text: str, head_fusion: str = "mean", **kw) -> Result:
-        """Attention flow (Abnar & Zuidema): array "flow" (query, key), raw max-flow values."""
+    def attention_flow(self, model: str, text: str, head_fusion: str = FlowParams.head_fusion,
+                       **kw) -> FlowResult:
+        """Attention flow (Abnar & Zuidema): `flow` (query, key), raw max-flow values."""
         return self.analysis("attention_flow", model, text, head_fusion=head_fusion, **kw)
 
     def gradient_rollout(self, model: str, text: str, target: int | None = None,
-                         **kw) -> Result:
+                         **kw) -> GradientRolloutResult:
         """Gradient-weighted rollout (Chefer et al.) for `target` (default: the last token):
-        array "gradient_rollout" (layer, query, key)."""
-        params = {} if target is None else {"target": target}
-        return self.analysis("gradient_rollout", model, text, **params, **kw)
+        `gradient_rollout` (layer, query, key)."""
+        return self.analysis("gradient_rollout", model, text, target=target, **kw)
 
-    def head_importance(self, model: str, text: str, method: str = "gradient",
-                        **kw) -> Result:
-        """Head importance by `method`: arrays "raw", "layer", "global", each (layer, head)."""
+    def head_importance(self, model: str, text: str, method: str = ImportanceParams.method,
+                        **kw) -> ImportanceResult:
+        """Head importance by `method`: `raw`, `layer`, `global_`, each (layer, head)."""
         return self.analysis("head_importance", model, text, method=method, **kw)
 
-    def head_roles(self, model: str, text: str, **kw) -> Result:
-        """Per-head role scores (previous-token, first-token, induction...), each (layer, head)."""
+    def head_roles(self, model: str, text: str, **kw) -> RolesResult:
+        """Per-head role scores (previous-token, first-token, induction...), each (layer, head):
+        `scores[role]`."""
         return self.analysis("head_roles", model, text, **kw)
 
-    def pruning_curve(self, model: str, text: str, method: str = "gradient",
-                      recompute: bool = False, **kw) -> Result:
+    def pruning_curve(self, model: str, text: str, method: str = PruningParams.method,
+                      recompute: bool = PruningParams.recompute, **kw) -> PruningResult:
         """Loss as heads are masked in order of importance vs at random."""
         return self.analysis("pruning_curve", model, text, method=method, recompute=recompute,
                              **kw)
@@ -212,16 +195,19 @@ class Atlas:
         """A reasoning trace split into sentences, with their token spans (kind "ta_trace")."""
         return self.analysis("ta_trace", model, trace, problem=problem, **params)
 
-    def receiver_heads(self, model: str, trace: str, problem: str = "", **params) -> Result:
+    def receiver_heads(self, model: str, trace: str, problem: str = "",
+                       **params) -> ReceiversResult:
         """Receiver heads and the sentences they attend to (kind "ta_receivers")."""
         return self.analysis("ta_receivers", model, trace, problem=problem, **params)
 
-    def suppression(self, model: str, trace: str, problem: str = "", **params) -> Result:
+    def suppression(self, model: str, trace: str, problem: str = "",
+                    **params) -> SuppressionResult:
         """Attention suppression: each sentence's effect on later ones (kind
         "ta_suppression")."""
         return self.analysis("ta_suppression", model, trace, problem=problem, **params)
 
-    def resampling(self, model: str, trace: str, problem: str = "", **params) -> Result:
+    def resampling(self, model: str, trace: str, problem: str = "",
+                   **params) -> ResamplingResult:
         """Counterfactual resampling of each sentence (kind "ta_resampling"); rollouts are saved
         as they finish, so an interrupted call resumes."""
         return self.analysis("ta_resampling", model, trace, problem=problem, **params)

@@ -27,6 +27,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backend.errors import InputError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -68,6 +70,14 @@ class Settings:
     @property
     def converted_models_dir(self) -> Path:
         return self.converted_dir or self.cache_dir / "models"
+
+    def check_full_matrix(self, n_tokens: int, what: str, instead: str) -> None:
+        """The one rule for whole (T, T) matrices: InputError when an input of `n_tokens` is
+        over full_matrix_max_tokens (longer inputs are read through windows and overviews)."""
+        limit = self.full_matrix_max_tokens
+        if n_tokens > limit:
+            raise InputError(f"{what} is offered up to {limit:,} tokens (ATLAS_FULL_MATRIX_TOKENS)"
+                             f"; this input has {n_tokens:,}. {instead}")
 
     @classmethod
     def from_env(cls) -> "Settings":

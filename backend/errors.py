@@ -9,6 +9,11 @@ class InputError(AtlasError, ValueError):
     """The text or parameters of a request cannot be analysed (empty, too long, malformed)."""
 
 
+class JobCancelled(AtlasError):
+    """The one cancellation: raised inside a job (by its context's progress, or by a pass or a
+    rollout engine polling `should_stop`) once its cancellation was requested."""
+
+
 class ModelLoadError(AtlasError):
     """A model cannot be found, reached, trusted or used for attention analysis."""
 

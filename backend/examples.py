@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from backend.models import DEFAULT_CAUSAL
+from backend.rollouts.base import TEMPERATURE, TOP_P
 
 EXAMPLES = {
     "Winograd: what does 'it' refer to?": (
@@ -33,4 +34,4 @@ REASONING_EXAMPLE = {
     "answer": "9",
 }
 # How the Thought Anchors page and its lessons sample rollouts (the paper's settings).
-REASONING_SAMPLING = {"temperature": 0.6, "top_p": 0.95}
+REASONING_SAMPLING = {"temperature": TEMPERATURE, "top_p": TOP_P}

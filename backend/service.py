@@ -32,7 +32,7 @@ from backend.inputs import check_strings, check_text, check_upload
 from backend.memory import BoundedCache
 from backend.methods.binning import BinnedMatrix, bin_edges, bin_matrix
 from backend.methods.exact import check_window
-from backend.methods.rollout import (HEAD_FUSIONS, attention_rollout, exclude_first_token,
+from backend.methods.rollout import (attention_rollout, exclude_first_token, fuse_heads,
                                      target_rollout_rows)
 from backend.methods.thought_anchors.answers import answers_match, extract_boxed_answer
 from backend.methods.thought_anchors.graph import incoming, top_links
@@ -183,20 +183,22 @@ class AtlasService(Comparisons):
         rollouts/s (None before a run)."""
         return engine_infos(self.settings, str(pick_device(self.settings)))
 
-    def resampling_estimate(self, trace_id: str, engine: str = EMBEDDED, rollouts: int = 4,
-                            chunks=None, **params) -> dict:
+    def resampling_estimate(self, trace_id: str, engine: str = EMBEDDED,
+                            rollouts: int | None = None, chunks=None, **params) -> dict:
         """Cost of a ta_resampling request on a trace before it starts: sentences sampled, and
         of their (full) rollouts: in all, already saved (reused), still to sample, seconds at
         the engine's measured rate (None before any run); `forced_to_sample`: the short
         forced-answer rollouts also to sample. `params`: the request's other parameters."""
         record = self.analysis(trace_id)
-        request = AnalysisRequest.make("ta_resampling", record.model, record.text,
-                                       **{**record.params, **params})
+        given = {**record.params, **params, **({} if rollouts is None else
+                                               {"rollouts": rollouts})}
+        request = AnalysisRequest.make("ta_resampling", record.model, record.text, **given)
+        rollouts = request.params["rollouts"]
         _, sampled = resampled_chunks(len(record.meta["chunks"]), chunks)
         pool = rollout_pool(request, source_fingerprint(resolve_source(record.model,
                                                                        self.settings)))
         todo = missing_rollouts(self.store, pool, sampled, int(rollouts),
-                                params.get("forced", True))
+                                request.params["forced"])
         plain = sum(missing for (_, forced), (_, missing) in todo.items() if not forced)
         rate = next((e["rollouts_per_s"] for e in self.rollout_engines() if e["name"] == engine),
                     None)
@@ -220,17 +222,12 @@ class AtlasService(Comparisons):
             raise InputError(f"Analysis '{aid}' is a {record.kind} analysis, not attention.")
         return open_maps(self.store, record, self.memory, self.device)
 
-    def _full_matrix_limit(self, n_tokens: int, what: str, instead: str) -> None:
-        limit = self.settings.full_matrix_max_tokens
-        if n_tokens > limit:
-            raise InputError(f"{what} is offered up to {limit:,} tokens (ATLAS_FULL_MATRIX_TOKENS)"
-                             f"; this input has {n_tokens:,}. {instead}")
-
     def attention_layer(self, aid: str, layer: int) -> np.ndarray:
         """(head, query, key) float32 exact attention of one layer (inputs up to
         settings.full_matrix_max_tokens)."""
         maps = self.maps(aid)
-        self._full_matrix_limit(maps.n_tokens, "A whole layer", "Ask for a window instead.")
+        self.settings.check_full_matrix(maps.n_tokens, "A whole layer",
+                                        "Ask for a window instead.")
         whole = slice(0, maps.n_tokens)
         return maps.weights(layer, whole, whole).cpu().numpy()
 
@@ -310,8 +307,9 @@ class AtlasService(Comparisons):
     def rollout(self, aid: str, head_fusion: str = "mean") -> np.ndarray:
         """Attention rollout after each layer, (layer, query, key) (Abnar & Zuidema); inputs up
         to settings.full_matrix_max_tokens (longer: target_rollout)."""
-        self._full_matrix_limit(len(self.analysis(aid).meta["tokens"]), "The full rollout",
-                                "Follow one token instead (target_rollout).")
+        self.settings.check_full_matrix(len(self.analysis(aid).meta["tokens"]),
+                                        "The full rollout",
+                                        "Follow one token instead (target_rollout).")
         return self.memory.get((aid, "rollout", head_fusion),
                                lambda: attention_rollout(self.attention(aid), head_fusion))
 
@@ -321,14 +319,10 @@ class AtlasService(Comparisons):
         vector-matrix products from the top, O(layers x T^2) (see methods.rollout)."""
         maps = self.maps(aid)
         target = self._token(maps, target)
-        if head_fusion not in HEAD_FUSIONS:
-            raise InputError(f"Head fusion must be one of {', '.join(HEAD_FUSIONS)}.")
         whole = slice(0, maps.n_tokens)
 
         def fused_rows(layer: int, queries: slice) -> torch.Tensor:
-            weights = maps.weights(layer, queries, whole)
-            return weights.mean(0) if head_fusion == "mean" else getattr(weights, head_fusion)(
-                0).values
+            return fuse_heads(maps.weights(layer, queries, whole), head_fusion, 0)
 
         rows = self.memory.get((aid, "target_rollout", target, head_fusion), lambda: (
             target_rollout_rows(fused_rows, maps.n_layers, maps.n_tokens, target,

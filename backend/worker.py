@@ -21,14 +21,11 @@ from typing import Any, Callable
 import torch
 
 from backend.config import Settings
-from backend.errors import AtlasError
+from backend.errors import AtlasError, JobCancelled
 from backend.models import LoadedModel, load_model, resolve_source, source_fingerprint
+from backend.progress import Progress
 
 log = logging.getLogger(__name__)
-
-
-class JobCancelled(AtlasError):
-    """Raised inside a job when its cancellation was requested."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +108,7 @@ class JobContext:
         return self._job.cancel_requested.is_set()
 
     def span(self, start: float, end: float,
-             stage: str | None = None) -> Callable[[float, str], None]:
+             stage: str | None = None) -> Progress:
         """A progress callback mapping a sub-task's [0, 1] onto [start, end] of this job, as a
         new stage labelled `stage` (default: the job's last `progress` text, if any)."""
         job = self._job
@@ -154,7 +151,7 @@ class ModelPool:
         self.settings, self.capacity = settings, capacity
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
 
-    def get(self, ref: str, progress: Callable[[float, str], None]) -> LoadedModel:
+    def get(self, ref: str, progress: Progress) -> LoadedModel:
         source = resolve_source(ref, self.settings)
         if ref in self._models and self._models[ref].fingerprint == source_fingerprint(source):
             self._models.move_to_end(ref)

@@ -8,13 +8,12 @@ import streamlit as st
 
 from pages import shared
 from viz import export
-from viz.heatmap import (SCALES, attention_heatmap, axis_labels, binned_heatmap, block_labels,
-                         brushed_range, selected_values)
+from backend.analyses.attention import OVERVIEW_BINS
+from viz.heatmap import (DETAIL_MAX, SCALES, attention_heatmap, axis_labels, binned_heatmap,
+                         block_labels, brushed_range, selected_values)
 from viz.reading_view import reading_view, text_pieces, top_positions
 from viz.token_view import attention_bars, attention_lines
 
-DETAIL_MAX = 96  # tokens per side shown cell by cell (and as lines); wider windows are binned
-OVERVIEW_BINS = 64  # blocks per side of an overview: about a DETAIL_MAX window each at 6k tokens
 READING_MAX = 4096  # tokens of text in the reading view, around the selected token
 STRONGEST = 10
 MEAN = "mean"

@@ -7,20 +7,18 @@ import pandas as pd
 import streamlit as st
 
 from backend.analyses import AnalysisRequest
-from backend.analyses.heads import (METHODS, ROLES, head_label, head_ranks, parse_head_label,
-                                    top_attended_pairs)
+from backend.analyses.heads import (METHODS, NORMALIZATIONS, ROLES, head_label, head_ranks,
+                                    parse_head_label, top_attended_pairs)
 from backend.errors import AtlasError
 from pages import shared
 from viz.head_grid import head_grid, selected_head
-from viz.heatmap import attention_heatmap, binned_heatmap
+from backend.analyses.attention import OVERVIEW_BINS
+from viz.heatmap import DETAIL_MAX, attention_heatmap, binned_heatmap
 from viz.pruning import pruning_chart
 
-DETAIL_MAX = 96  # tokens per side drawn cell by cell; longer inputs are binned
-OVERVIEW_BINS = 64
 THUMBNAIL_BINS = 24
 GRID_WIDTH = 400  # pixels the grid's heads may take: its column is ~480 px wide at 1280 px
 TOP_PAIRS = 10
-NORMALIZATIONS = ["layer", "global", "raw"]
 SCORES = [*METHODS, *(r for r in ROLES if r not in METHODS)]
 TITLES = {
     "gradient": "gradient importance", "ablation": "ablation Δ loss",

@@ -4,16 +4,15 @@ import numpy as np
 import streamlit as st
 
 from backend.analyses import AnalysisRequest
-from backend.analyses.rollout import AUTO_FLOW_TOKENS, FLOW_MAX_TOKENS
+from backend.analyses.attention import OVERVIEW_BINS
+from backend.analyses.rollout import AUTO_FLOW_TOKENS, FLOW_MAX_TOKENS, HEAD_FUSIONS, FlowParams
 from pages import shared
 from viz import export
-from viz.heatmap import attention_heatmap, binned_heatmap
+from viz.heatmap import DETAIL_MAX, attention_heatmap, binned_heatmap
 from viz.reading_view import reading_view, text_pieces
 from viz.token_text import highlighted_tokens
 from viz.token_view import attention_bars
 
-DETAIL_MAX = 96
-FUSIONS = ["mean", "max", "min"]
 
 EXPLANATIONS = """
 - **Raw attention**: the target token's row in the last layer, averaged over heads. It ignores
@@ -43,7 +42,7 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, key_offset: int =
     keys = labels[key_offset:]
     if len(labels) <= DETAIL_MAX:
         return attention_heatmap(matrix, labels, keys, 0, key_offset, title=title, size=380)
-    binned = shared.service().bin(matrix, 64)
+    binned = shared.service().bin(matrix, OVERVIEW_BINS)
     return binned_heatmap(binned.values, binned.query_edges, binned.key_edges + key_offset,
                           labels, title, size=380)
 
@@ -80,8 +79,8 @@ def rollout_view(record) -> None:
                           bind="query-params", format_func=lambda i: f"{i} {labels[i]}",
                           help="Whose sources to trace: CLS for encoders, the last token for "
                                "causal LMs by default.")
-    fusion = c2.segmented_control("Head fusion", FUSIONS, default="mean", key="fusion",
-                                  bind="query-params") or "mean"
+    fusion = c2.segmented_control("Head fusion", HEAD_FUSIONS, default=FlowParams.head_fusion,
+                                  key="fusion", bind="query-params") or FlowParams.head_fusion
     depth = c3.slider("Rollout after layer", 1, meta["n_layers"], meta["n_layers"], key="depth",
                       bind="query-params")
     no_sink = c4.toggle("Exclude first token", key="no_sink", bind="query-params",

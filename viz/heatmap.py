@@ -19,6 +19,9 @@ SCALES = ("linear", "log", "rank")
 PLOT_SIZE = alt.AutoSizeParams(type="pad", contains="padding")
 CELL_PX = 11  # smallest row height at which every token label fits (none are thinned)
 MAX_WIDTH = 560  # plot width that fits the main column at 1,280 px wide
+# The one rule of the views: up to DETAIL_MAX tokens per side a matrix is drawn cell by cell,
+# wider ones as a binned overview.
+DETAIL_MAX = 96
 
 
 def _colour(values: np.ndarray, scale: str, title: str) -> alt.Color:

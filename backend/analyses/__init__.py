@@ -1,47 +1,48 @@
-"""Each kind of analysis: its request, its cache key and the computation behind it.
-
-A computation takes (job context, request, analysis id) and returns the AnalysisRecord and the
-named arrays to store.
-"""
+"""The analysis kinds: one registry of self-describing kinds (backend.analyses.kind), their
+requests and cache keys, and the one dispatcher that runs them."""
 
 from backend.analyses import attention, heads, long_context, rollout, thought_anchors
-from backend.analyses.params import check_params
+from backend.analyses.kind import Kind, NamedArrays, Result, Task
+from backend.analyses.params import parse
 from backend.analyses.request import CODE_VERSION, AnalysisRequest, analysis_id
 from backend.errors import InputError
 from backend.inputs import MAX_TEXT_CHARS
 
-ANALYSES = {
-    "attention": attention.compute_attention,
-    "attention_flow": rollout.compute_flow,
-    "gradient_rollout": rollout.compute_gradient_rollout,
-    "head_importance": heads.compute_head_importance,
-    "head_roles": heads.compute_head_roles,
-    "long_context_heads": long_context.compute_long_context_heads,
-    "pruning_curve": heads.compute_pruning_curve,
-    "ta_trace": thought_anchors.compute_trace,
-    "ta_generate": thought_anchors.compute_generation,
-    "ta_receivers": thought_anchors.compute_receivers,
-    "ta_suppression": thought_anchors.compute_suppression,
-    "ta_resampling": thought_anchors.compute_resampling,
-}
-# Kinds that save partial results as they go (and so resume): they also get the store.
-RESUMABLE = {"ta_resampling"}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (
+    attention.ATTENTION, rollout.ATTENTION_FLOW, rollout.GRADIENT_ROLLOUT,
+    heads.HEAD_IMPORTANCE, heads.HEAD_ROLES, heads.PRUNING_CURVE,
+    long_context.LONG_CONTEXT_HEADS, thought_anchors.TRACE, thought_anchors.GENERATION,
+    thought_anchors.RECEIVERS, thought_anchors.SUPPRESSION, thought_anchors.RESAMPLING)}
+
+
+def kind_of(request: AnalysisRequest) -> Kind:
+    if request.kind not in KINDS:
+        raise InputError(f"Unknown analysis kind '{request.kind}'; known: "
+                         f"{', '.join(sorted(KINDS))}.")
+    return KINDS[request.kind]
 
 
 def compute(ctx, request: AnalysisRequest, aid: str, store):
-    """(AnalysisRecord, {name: array}) of the request's kind."""
-    if request.kind in RESUMABLE:
-        return ANALYSES[request.kind](ctx, request, aid, store)
-    return ANALYSES[request.kind](ctx, request, aid)
+    """(AnalysisRecord, {name: array}) of the request's kind: its result, as it is stored."""
+    kind = kind_of(request)
+    task = Task(request, parse(kind.name, kind.params, request.params), aid,
+                store if kind.resumable else None)
+    result = kind.compute(ctx, task)
+    return result.record, result.arrays()
+
+
+def load(store, aid: str) -> Result:
+    """A stored analysis as its kind's typed result (an imported or unknown kind: by name)."""
+    kind = KINDS.get(store.load(aid).kind)
+    return (kind.result if kind else NamedArrays).load(store, aid)
 
 
 def validate(request: AnalysisRequest) -> None:
     """InputError for an unknown kind, a bad text or a bad parameter, before any job."""
-    if request.kind not in ANALYSES:
-        raise InputError(f"Unknown analysis kind '{request.kind}'.")
+    kind = kind_of(request)
     request.validate()
-    check_params(request.kind, request.params)
+    parse(kind.name, kind.params, request.params)
 
 
-__all__ = ["ANALYSES", "CODE_VERSION", "MAX_TEXT_CHARS", "AnalysisRequest", "analysis_id",
-           "compute", "validate"]
+__all__ = ["CODE_VERSION", "KINDS", "MAX_TEXT_CHARS", "AnalysisRequest", "Kind", "Result",
+           "Task", "analysis_id", "compute", "load", "validate"]

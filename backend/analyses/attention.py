@@ -15,13 +15,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from backend.analyses.request import AnalysisRequest
-from backend.errors import InputError
+from backend.analyses.kind import Kind, NamedArrays, NoParams, Task
 from backend.methods.capture import capture_attention
 from backend.methods.qk_capture import UnsupportedAttention, capture_layers
 from backend.methods.reductions import ROLE_NAMES, BlockMeans, HeadStatistics
 from backend.methods.tokens import model_context, tokenize
-from backend.store import AnalysisRecord
 
 OVERVIEW_BINS = 64  # what Explore draws; thumbnails pool these further
 
@@ -66,9 +64,9 @@ def _qk_arrays(layers) -> dict[str, np.ndarray]:
     return arrays
 
 
-def compute_attention(ctx, request: AnalysisRequest, aid: str) -> tuple[AnalysisRecord,
-                                                                       dict[str, np.ndarray]]:
+def compute_attention(ctx, task: Task[NoParams]):
     """The "qk" format where the rule covers the model, else "maps" for short inputs."""
+    request = task.request
     lm = ctx.model(request.model)
     tokens = tokenize(lm.tokenizer, request.text, ctx.settings.max_tokens,
                       model_context(lm.model.config))
@@ -87,15 +85,13 @@ def compute_attention(ctx, request: AnalysisRequest, aid: str) -> tuple[Analysis
                     score_dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."),
                     rules=[layer.rule.to_json() for layer in layers])
     except UnsupportedAttention as e:
-        limit = ctx.settings.full_matrix_max_tokens
-        if n_tokens > limit:
-            raise InputError(f"{e} Its attention is shown as full maps, up to {limit:,} tokens; "
-                             f"this text has {n_tokens:,}. Shorten the text (or raise "
-                             "ATLAS_FULL_MATRIX_TOKENS).") from None
+        ctx.settings.check_full_matrix(n_tokens, f"{e} Its attention as full maps",
+                                       "Shorten the text.")
         maps = capture_attention(lm.model, ids, progress=ctx.span(0.35, 0.8))
         arrays = {layer_array_name(i): a for i, a in enumerate(maps)}
         meta.update(format="maps", n_layers=len(maps), n_heads=int(maps[0].shape[0]),
                     refused=str(e))
-    record = AnalysisRecord(aid, request.kind, request.model, lm.fingerprint, request.text,
-                            dict(request.params), meta)
-    return record, arrays
+    return NamedArrays(task.record(lm.fingerprint, meta), arrays)
+
+
+ATTENTION = Kind("attention", NoParams, compute_attention)

@@ -27,28 +27,84 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from backend.analyses.request import AnalysisRequest
+from backend.analyses.kind import Kind, NoParams, Result, Task, stored
+from backend.analyses.params import param
 from backend.errors import InputError
 from backend.methods.capture import capture_attention
 from backend.methods.heads import (METHODS, LossFn, induction_scores, normalize_importance,
                                    pruning_curve, raw_importance, sentence_similarity_loss)
+from backend.methods.heads.importance import NORMALIZATIONS
+from backend.methods.heads.roles import LOCALITY_WINDOW
 from backend.methods.qk_capture import UnsupportedAttention, capture_layers
 from backend.methods.reductions import ROLE_NAMES, HeadStatistics
+from backend.methods.thought_anchors.receivers import PROXIMITY_IGNORE
 from backend.methods.tokens import model_context, tokenize
-from backend.store import AnalysisRecord
 
 STATISTICS = ("confidence", "entropy")  # importance methods that need no loss
-NORMALIZATIONS = {"layer": "layer", "global": "global", "raw": None}  # array name: normalize=
-LOCALITY_WINDOW = 8
-PROXIMITY_IGNORE = 4
 INDUCTION = {"n_tokens": 50, "n_sequences": 2, "seed": 0}
 PRUNING_STEP = 0.05
 PRUNING_SEED = 0
 
 ROLES = (*ROLE_NAMES, "induction")
 
+
+@dataclass(frozen=True)
+class ImportanceParams:
+    """method: how a head's importance is measured (METHODS)."""
+
+    method: str = param(METHODS[0], choices=METHODS)
+
+
+@dataclass(frozen=True)
+class PruningParams:
+    """method: the importance the heads are masked by; recompute: score the heads again after
+    each step (else once, before masking)."""
+
+    method: str = param(METHODS[0], choices=METHODS)
+    recompute: bool = param(False)
+
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
 _WORD_BREAK = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class ImportanceResult(Result):
+    """(layer, head) float64 each: raw scores and their normalisations (NORMALIZATIONS)."""
+
+    raw: np.ndarray
+    layer: np.ndarray
+    global_: np.ndarray = stored("global")
+
+
+@dataclass(frozen=True)
+class RolesResult(Result):
+    """scores: role (ROLES) -> (layer, head) float64; roles a short text cannot give are left
+    out (meta["unavailable"] says why)."""
+
+    scores: dict[str, np.ndarray]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return dict(self.scores)
+
+    @classmethod
+    def load(cls, store, aid: str) -> "RolesResult":
+        present = set(store.array_names(aid))
+        return cls(store.load(aid), {name: store.load_array(aid, name) for name in ROLES
+                                     if name in present})
+
+
+@dataclass(frozen=True)
+class PruningResult(Result):
+    """fractions (step,) of heads masked; loss after each step (step,) and the masking order
+    (layer * head,) flat head indices, by importance and at random; importance (layer, head):
+    the layer-normalised scores of the first step (None when recomputed at every step)."""
+
+    fractions: np.ndarray
+    loss_importance: np.ndarray
+    loss_random: np.ndarray
+    order_importance: np.ndarray
+    order_random: np.ndarray
+    importance: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------- the loss
@@ -106,10 +162,9 @@ def loss_input(lm, text: str, max_tokens: int, method: str) -> LossInput:
         "n_tokens": int(pair.attention_mask.sum())})
 
 
-def _record(request: AnalysisRequest, aid: str, lm, meta: dict) -> AnalysisRecord:
+def _record(task: Task, lm, meta: dict):
     shape = {"n_layers": lm.n_layers, "n_heads": lm.n_heads, "model_label": lm.source.label}
-    return AnalysisRecord(aid, request.kind, request.model, lm.fingerprint, request.text,
-                          dict(request.params), {**shape, **meta})
+    return task.record(lm.fingerprint, {**shape, **meta})
 
 
 # --------------------------------------------------------------------------- computations
@@ -150,21 +205,23 @@ def _induction(lm, progress) -> np.ndarray:
         lm.model, **INDUCTION, progress=progress))
 
 
-def compute_head_importance(ctx, request: AnalysisRequest, aid: str):
-    """Importance of every head by params["method"]: raw and both normalisations."""
-    method = dict(request.params).get("method", "gradient")
+def compute_head_importance(ctx, task: Task[ImportanceParams]):
+    """Importance of every head by params.method: raw and both normalisations."""
+    request, method = task.request, task.params.method
     lm = ctx.model(request.model)
     data = loss_input(lm, request.text, ctx.settings.max_tokens, method)
     ctx.progress(0.3, f"{method.capitalize()} importance on {data.meta['n_tokens']} tokens")
     raw = _raw_importance(lm, request.text, data, method, ctx.span(0.3, 0.85))
-    arrays = {name: normalize_importance(raw, how) for name, how in NORMALIZATIONS.items()}
-    return _record(request, aid, lm, {"method": method, **data.meta}), arrays
+    arrays = {how: normalize_importance(raw, how) for how in NORMALIZATIONS}
+    return ImportanceResult(_record(task, lm, {"method": method, **data.meta}), arrays["raw"],
+                            arrays["layer"], arrays["global"])
 
 
-def compute_head_roles(ctx, request: AnalysisRequest, aid: str):
+def compute_head_roles(ctx, task: Task[NoParams]):
     """Every role score of every head (ROLES), reduced chunk by chunk as attention is captured
     (any length). Roles a short text cannot give are listed in meta["unavailable"] with the
     reason."""
+    request = task.request
     lm = ctx.model(request.model)
     tokens = tokenize(lm.tokenizer, request.text, ctx.settings.max_tokens,
                       model_context(lm.model.config))
@@ -192,15 +249,14 @@ def compute_head_roles(ctx, request: AnalysisRequest, aid: str):
     arrays["induction"] = _induction(lm, ctx.span(0.5, 0.85)).astype(np.float64)
     meta = {"n_tokens": len(tokens.ids), "unavailable": unavailable, "induction": INDUCTION,
             "locality_window": LOCALITY_WINDOW, "proximity_ignore": PROXIMITY_IGNORE}
-    return _record(request, aid, lm, meta), arrays
+    return RolesResult(_record(task, lm, meta), arrays)
 
 
-def compute_pruning_curve(ctx, request: AnalysisRequest, aid: str):
+def compute_pruning_curve(ctx, task: Task[PruningParams]):
     """Loss with 0, 5, ..., 100 % of the heads masked, in increasing order of importance by
-    params["method"] (computed once, or recomputed after each step with params["recompute"]),
-    and in a seeded random order."""
-    params = dict(request.params)
-    method, recompute = params.get("method", "gradient"), bool(params.get("recompute", False))
+    params.method (computed once, or recomputed after each step with params.recompute), and in
+    a seeded random order."""
+    request, method, recompute = task.request, task.params.method, task.params.recompute
     lm = ctx.model(request.model)
     loss = loss_input(lm, request.text, ctx.settings.max_tokens,
                       "gradient" if method in STATISTICS else method)  # the curve needs a loss
@@ -215,15 +271,20 @@ def compute_pruning_curve(ctx, request: AnalysisRequest, aid: str):
     curve = pruning_curve(lm.model, loss.input_ids, method, loss.loss_fn, importance=importance,
                           recompute=recompute, step=PRUNING_STEP, seed=PRUNING_SEED,
                           progress=ctx.span(0.45 if importance is not None else 0.3, 0.85))
-    arrays = {"fractions": curve.fractions.astype(np.float64)}
-    for order in curve.loss:
-        arrays[f"loss_{order}"] = np.asarray(curve.loss[order], dtype=np.float64)
-        arrays[f"order_{order}"] = np.asarray(curve.order[order], dtype=np.int64)
-    if importance is not None:
-        arrays["importance"] = np.asarray(importance, dtype=np.float64)
+    losses = {order: np.asarray(curve.loss[order], dtype=np.float64) for order in curve.loss}
+    orders = {order: np.asarray(curve.order[order], dtype=np.int64) for order in curve.order}
     meta = {"method": method, "recompute": recompute, "step": PRUNING_STEP,
             "seed": PRUNING_SEED, **loss.meta}
-    return _record(request, aid, lm, meta), arrays
+    return PruningResult(_record(task, lm, meta), curve.fractions.astype(np.float64),
+                         losses["importance"], losses["random"], orders["importance"],
+                         orders["random"],
+                         None if importance is None else np.asarray(importance, np.float64))
+
+
+HEAD_IMPORTANCE = Kind("head_importance", ImportanceParams, compute_head_importance,
+                       ImportanceResult)
+HEAD_ROLES = Kind("head_roles", NoParams, compute_head_roles, RolesResult)
+PRUNING_CURVE = Kind("pruning_curve", PruningParams, compute_pruning_curve, PruningResult)
 
 
 # --------------------------------------------------------------------------- for the views

@@ -18,8 +18,12 @@ answer, recall, accepted, and the token labels around the needle.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 
+from backend.analyses.kind import Kind, NamedArrays, Task
+from backend.analyses.params import defaults, from_query, param
 from backend.analyses.request import AnalysisRequest
 from backend.errors import InputError
 from backend.methods.heads import haystack
@@ -27,63 +31,65 @@ from backend.methods.heads.long_context import (RECALL_THRESHOLD, RECENT_TOKENS,
                                                 retrieval_scores, rouge1_recall, sink_shares,
                                                 streaming_scores, trial_retrieval_scores)
 from backend.methods.tokens import model_context, readable_label
-from backend.store import AnalysisRecord
 
 KIND = "long_context_heads"
 NEEDLE = haystack.NEEDLE
-DEFAULTS = {"question": haystack.QUESTION, "answer_start": haystack.ANSWER_START,
-            "lengths": (1000, 2000), "depths": (0.1, 0.5, 0.9), "max_new_tokens": 32,
-            "bins": 128, "passkey_length": 1000, "sink": SINK_TOKENS, "recent": RECENT_TOKENS,
-            "seed": 0}
+MAX_PROBE_TOKENS = 10 ** 6
+
+
+@dataclass(frozen=True)
+class ProbeParams:
+    """The probe's settings (module docstring); the text is the needle."""
+
+    question: str = param(haystack.QUESTION)
+    answer_start: str = param(haystack.ANSWER_START)
+    lengths: tuple[int, ...] = param((1000, 2000), low=1, high=MAX_PROBE_TOKENS)
+    depths: tuple[float, ...] = param((0.1, 0.5, 0.9), low=0.0, high=1.0)
+    max_new_tokens: int = param(32, low=1, high=200)
+    bins: int = param(128, low=1, high=4096)
+    passkey_length: int = param(1000, low=1, high=MAX_PROBE_TOKENS)
+    sink: int = param(SINK_TOKENS, low=1, high=MAX_PROBE_TOKENS)
+    recent: int = param(RECENT_TOKENS, low=1, high=MAX_PROBE_TOKENS)
+    seed: int = param(0, low=0, high=2 ** 31 - 1)
+
+    def check(self) -> None:
+        if min(self.lengths) < 2 * self.bins:
+            raise InputError(f"Haystacks must be at least {2 * self.bins} tokens long (twice "
+                             "the bins of the attention shown per trial).")
+
+
+DEFAULTS = defaults(ProbeParams)
 SCORES = ("retrieval", "streaming", "sink_alpha")
 EXCERPT = 48  # tokens kept on each side of the needle for the per-trial view
 
 
 def probe_request(model: str, needle: str = NEEDLE, **params) -> AnalysisRequest:
-    """The request with every parameter set (defaults for those left out), so equal probes
-    share one cache entry."""
+    """The probe's request (defaults for the settings left out)."""
     unknown = set(params) - set(DEFAULTS)
     if unknown:
         raise InputError(f"Unknown probe settings: {', '.join(sorted(unknown))}.")
-    merged = {**DEFAULTS, **params}
-    merged["lengths"] = [int(x) for x in merged["lengths"]]
-    merged["depths"] = [float(x) for x in merged["depths"]]
-    return AnalysisRequest.make(KIND, model, needle, **merged)
+    return AnalysisRequest.make(KIND, model, needle, **params)
 
 
-LINK_SETTINGS = {"lc_lengths": ("lengths", int), "lc_depths": ("depths", float),
-                 "lc_passkey": ("passkey_length", int)}
+# A link's (or lesson step's) probe settings: query parameter -> the probe's parameter.
+LINK_SETTINGS = {"lc_lengths": "lengths", "lc_depths": "depths", "lc_passkey": "passkey_length"}
 
 
 def link_request(model: str, link: dict[str, str]) -> AnalysisRequest:
     """The default probe with the settings a link (or a lesson step) carries: lc_lengths and
-    lc_depths comma-separated, lc_passkey; malformed values fall back to the defaults."""
-    params = {}
-    for key, (name, kind) in LINK_SETTINGS.items():
-        try:
-            values = [kind(x) for x in str(link.get(key, "")).split(",") if x.strip()]
-        except ValueError:
-            continue
-        if values:
-            params[name] = values if name != "passkey_length" else values[0]
-    return probe_request(model, **params)
+    lc_depths comma-separated, lc_passkey; a malformed value is refused, naming it."""
+    strings = {name: link[key] for key, name in LINK_SETTINGS.items()
+               if str(link.get(key, "")).strip()}
+    return probe_request(model, **from_query(KIND, ProbeParams, strings))
 
 
-def _settings(request: AnalysisRequest, max_tokens: int) -> dict:
-    p = {**DEFAULTS, **dict(request.params)}
-    if not p["lengths"] or not p["depths"]:
-        raise InputError("The probe needs at least one haystack length and one needle depth.")
-    longest = max(max(p["lengths"]), p["passkey_length"])
+def _settings(p: ProbeParams, max_tokens: int) -> dict:
+    longest = max(max(p.lengths), p.passkey_length)
     if longest > max_tokens:
         raise InputError(f"A {longest:,}-token input is longer than this server analyses "
                          f"or this model reads ({max_tokens:,} tokens: ATLAS_MAX_TOKENS or "
                          "the model's context).")
-    if min(p["lengths"]) < 2 * p["bins"]:
-        raise InputError(f"Haystacks must be at least {2 * p['bins']} tokens long (twice the "
-                         "bins of the attention shown per trial).")
-    if min(p["sink"], p["recent"]) < 1 or not 1 <= p["max_new_tokens"] <= 200:
-        raise InputError("sink and recent must be at least 1 token, max_new_tokens 1 to 200.")
-    return p
+    return asdict(p)
 
 
 def _labels(tokenizer, ids: list[int]) -> list[str]:
@@ -99,14 +105,15 @@ def _padded(rows: list[np.ndarray], fill) -> np.ndarray:
     return out
 
 
-def compute_long_context_heads(ctx, request: AnalysisRequest, aid: str):
+def compute_long_context_heads(ctx, task: Task[ProbeParams]):
     """Every trial's greedy copy, then the passkey pass for streaming and sink scores."""
+    request = task.request
     lm = ctx.model(request.model)
     if not lm.causal:
         raise InputError("Long-context head roles need a causal language model: the probe "
                          "generates the needle's answer.")
     context = model_context(lm.model.config) or ctx.settings.max_tokens
-    p = _settings(request, min(ctx.settings.max_tokens, context))
+    p = _settings(task.params, min(ctx.settings.max_tokens, context))
     tok, needle = lm.tokenizer, request.text.strip()
     trials = [(n, d) for n in p["lengths"] for d in p["depths"]]
     copies, metas, scores = [], [], []
@@ -152,8 +159,10 @@ def compute_long_context_heads(ctx, request: AnalysisRequest, aid: str):
     meta = {"n_layers": lm.n_layers, "n_heads": lm.n_heads, "model_label": lm.source.label,
             "trials": metas, "settings": p, "passkey_tokens": len(ids),
             "passkey_queries": len(ids) - question_at}
-    return AnalysisRecord(aid, request.kind, request.model, lm.fingerprint, request.text,
-                          dict(request.params), meta), arrays
+    return NamedArrays(task.record(lm.fingerprint, meta), arrays)
+
+
+LONG_CONTEXT_HEADS = Kind(KIND, ProbeParams, compute_long_context_heads)
 
 
 def role_shares(arrays: dict[str, np.ndarray], retrieval_above: float, streaming_above: float,

@@ -8,11 +8,15 @@ the trace, so the white-box passes see what the resampling continues from.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from backend.analyses.kind import Kind, Result, Task
+from backend.analyses.params import param
 from backend.analyses.request import AnalysisRequest, analysis_id
 from backend.errors import InputError
 from backend.methods.thought_anchors.answers import answers_match, extract_boxed_answer
@@ -20,28 +24,120 @@ from backend.methods.thought_anchors.passes import (receiver_pass, suppression_l
                                                     suppression_scores)
 from backend.methods.thought_anchors.published import (PublishedTrace, step_importance_entries,
                                                        step_importance_matrix)
-from backend.methods.thought_anchors.receivers import (head_kurtosis, receiver_heads,
-                                                       receiver_scores, vertical_scores)
+from backend.methods.thought_anchors.receivers import (PROXIMITY_IGNORE, TOP_K, head_kurtosis,
+                                                       receiver_heads, receiver_scores,
+                                                       vertical_scores)
 from backend.methods.thought_anchors.resampling import (Rollout, chunk_metrics,
                                                         counterfactual_matrix, rollout_prompt)
 from backend.methods.thought_anchors.sampling import stop_token_ids
+from backend.methods.thought_anchors.suppression import TEMPERATURE as SUPPRESSION_TEMPERATURE
 from backend.methods.thought_anchors.segmentation import (chunk_spans, clean_resampling_prefix,
                                                           resampling_prefix, split_into_chunks,
                                                           token_spans)
 from backend.methods.thought_anchors.tags import heuristic_tag
-from backend.rollouts.base import AnswerStop, Continuation, Prompt, SamplingParams
-from backend.rollouts.registry import EMBEDDED, RATES, make_engine
+from backend.rollouts.base import (TEMPERATURE, TOP_P, AnswerStop, Continuation, Prompt,
+                                   SamplingParams)
+from backend.rollouts.registry import CPU_ROLLOUTS, EMBEDDED, RATES, make_engine
 from backend.store import AnalysisRecord
 
 MIN_CHUNKS = 2
-# The Thought Anchors view's defaults, shared with the lessons that prepare it.
 WORKED_EXAMPLE = "Worked example"  # the view's source for REASONING_EXAMPLE (a link value)
-RESAMPLING_ROLLOUTS = 4  # rollouts per sentence the view offers first
-RESAMPLING_TOKENS = 160  # longest continuation a rollout writes in the view
-METRICS = ("accuracy", "resampling_importance_accuracy", "resampling_importance_kl",
-           "counterfactual_importance_accuracy", "counterfactual_importance_kl",
-           "forced_importance_accuracy", "forced_importance_kl",
-           "different_trajectories_fraction", "overdeterminedness")
+MAX_GENERATED_TOKENS = 131_072  # a sanity bound: the server caps rollouts lower
+MAX_ROLLOUTS = 1000
+SEEDS = 2 ** 31 - 1
+FORCED_TOKENS = 12  # the forced answer follows "\\boxed{" at once
+
+
+@dataclass(frozen=True)
+class ReceiversResult(Result):
+    """sentence_attention (layer, head, sentence, sentence) float16; vertical (layer, head,
+    sentence); kurtosis (layer, head); receiver_heads (k, 2) (layer, head) pairs;
+    receiver_scores (sentence,)."""
+
+    sentence_attention: np.ndarray
+    vertical: np.ndarray
+    kurtosis: np.ndarray
+    receiver_heads: np.ndarray
+    receiver_scores: np.ndarray
+
+
+@dataclass(frozen=True)
+class SuppressionResult(Result):
+    """(source, target) sentence matrices: mean log-KL, and row-centred as published."""
+
+    suppression: np.ndarray
+    suppression_normalized: np.ndarray
+
+
+@dataclass(frozen=True)
+class ResamplingResult(Result):
+    """Per sentence (sentence,) float64, NaN for those not resampled: the metrics of the spec;
+    counterfactual (sentence, sentence) M[i, j]."""
+
+    accuracy: np.ndarray
+    resampling_importance_accuracy: np.ndarray
+    resampling_importance_kl: np.ndarray
+    counterfactual_importance_accuracy: np.ndarray
+    counterfactual_importance_kl: np.ndarray
+    forced_importance_accuracy: np.ndarray
+    forced_importance_kl: np.ndarray
+    different_trajectories_fraction: np.ndarray
+    overdeterminedness: np.ndarray
+    counterfactual: np.ndarray
+
+
+METRICS = tuple(f.name for f in dataclasses.fields(ResamplingResult)
+                if f.name not in ("record", "counterfactual"))
+
+
+@dataclass(frozen=True)
+class TraceParams:
+    """problem: what the trace solves; answer: its reference answer ("": the trace's own
+    \\boxed{} answer)."""
+
+    problem: str = param("")
+    answer: str = param("")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How a trace or a rollout is sampled (the reference runs' temperature and top-p), on
+    which rollout engine (a name the registry knows: unknown names are refused there)."""
+
+    temperature: float = param(TEMPERATURE, low=0.01, high=2.0)  # 0 would divide by zero
+    top_p: float = param(TOP_P, low=0.01, high=1.0)
+    max_new_tokens: int = param(384, low=1, high=MAX_GENERATED_TOKENS)
+    seed: int = param(0, low=0, high=SEEDS)
+    engine: str = param(EMBEDDED)
+
+
+@dataclass(frozen=True)
+class ReceiverParams(TraceParams):
+    """proximity_ignore: sentence pairs closer than this are left out of vertical scores
+    (shrunk for short traces, see compute_receivers); top_k: receiver heads kept."""
+
+    proximity_ignore: int = param(PROXIMITY_IGNORE, low=1, high=1000)
+    top_k: int = param(TOP_K, low=1, high=10_000)
+
+
+@dataclass(frozen=True)
+class SuppressionParams(TraceParams):
+    """temperature: of the softmax the suppressed and base distributions are compared at."""
+
+    temperature: float = param(SUPPRESSION_TEMPERATURE, low=0.01, high=2.0)
+
+
+@dataclass(frozen=True)
+class ResamplingParams(GenerationParams, TraceParams):
+    """rollouts per sentence; chunks: the sentences to resample (None: all); forced: also
+    sample short answers forced right after each prefix; prefix: "faithful" (the sentences
+    before, as the reference cuts them) or "clean" (the trace's own text up to the sentence)."""
+
+    max_new_tokens: int = param(256, low=1, high=MAX_GENERATED_TOKENS)
+    rollouts: int = param(CPU_ROLLOUTS, low=1, high=MAX_ROLLOUTS)
+    chunks: tuple[int, ...] | None = param(None, low=0, high=10 ** 6)
+    forced: bool = param(True)
+    prefix: str = param("faithful", choices=("faithful", "clean"))
 
 
 def trace_chunks(solution: str) -> list[str]:
@@ -51,15 +147,10 @@ def trace_chunks(solution: str) -> list[str]:
     return chunks
 
 
-def _record(request: AnalysisRequest, aid: str, fingerprint: str, meta: dict) -> AnalysisRecord:
-    return AnalysisRecord(aid, request.kind, request.model, fingerprint, request.text,
-                          dict(request.params), meta)
-
-
-def _model_input(lm, request: AnalysisRequest, max_tokens: int):
+def _model_input(lm, task: Task[TraceParams], max_tokens: int):
     """(input_ids (1, T), token span of each chunk) of prompt + trace as the model reads it."""
-    params = dict(request.params)
-    prompt = rollout_prompt(params.get("problem", ""), "")
+    request = task.request
+    prompt = rollout_prompt(task.params.problem, "")
     text = prompt + request.text
     encoding = lm.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
     if len(encoding["input_ids"]) > max_tokens:
@@ -70,33 +161,28 @@ def _model_input(lm, request: AnalysisRequest, max_tokens: int):
             token_spans(spans, encoding["offset_mapping"]))
 
 
-def compute_trace(ctx, request: AnalysisRequest, aid: str):
+def compute_trace(ctx, task: Task[TraceParams]):
     """The trace itself: its sentences, their function tags (heuristic) and the answer."""
+    request, params = task.request, task.params
     chunks = trace_chunks(request.text)
-    params = dict(request.params)
     lm = ctx.model(request.model)  # the trace belongs to a model: later passes use it
     meta = {"chunks": chunks, "tags": [heuristic_tag(c) for c in chunks],
-            "tags_source": "heuristic", "problem": params.get("problem", ""),
-            "answer": params.get("answer") or extract_boxed_answer(request.text),
+            "tags_source": "heuristic", "problem": params.problem,
+            "answer": params.answer or extract_boxed_answer(request.text),
             "model_label": lm.source.label}
-    return _record(request, aid, lm.fingerprint, meta), {}
+    return Result(task.record(lm.fingerprint, meta))
 
 
-def _engine(ctx, params: dict, lm):
-    return make_engine(params.get("engine", EMBEDDED), lm, ctx.settings)
-
-
-def _sampling(params: dict, lm, max_new_tokens: int, seed: int,
-              answer_stop: bool) -> SamplingParams:
+def _sampling(params: GenerationParams, lm, seed: int, answer_stop: bool) -> SamplingParams:
     stop = None
     if answer_stop:
         vocab = lm.tokenizer.get_vocab()
         stop = AnswerStop(frozenset(i for t, i in vocab.items() if "boxed" in t),
                           lambda text: extract_boxed_answer(text) is not None,
                           lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True))
-    return SamplingParams(float(params.get("temperature", 0.6)), float(params.get("top_p", 0.95)),
-                          int(max_new_tokens), tuple(stop_token_ids(lm.tokenizer, lm.model)),
-                          seed, stop_at_repetition=True, answer_stop=stop)
+    return SamplingParams(params.temperature, params.top_p, params.max_new_tokens,
+                          tuple(stop_token_ids(lm.tokenizer, lm.model)), seed,
+                          stop_at_repetition=True, answer_stop=stop)
 
 
 def _rollout_progress(ctx, start: float, end: float, what: str):
@@ -105,60 +191,58 @@ def _rollout_progress(ctx, start: float, end: float, what: str):
                                       f"{what}: {meter.describe()}", meter.detail())
 
 
-def compute_generation(ctx, request: AnalysisRequest, aid: str):
+def compute_generation(ctx, task: Task[GenerationParams]):
     """A base trace for a problem (request.text), sampled from the model; generation stops at
     an end token, at degenerate repetition ("A: A: A: ...") or at max_new_tokens."""
-    params = dict(request.params)
+    request, params = task.request, task.params
     lm = ctx.model(request.model)
     prompt = rollout_prompt(request.text, "")
     ids = lm.tokenizer(prompt)["input_ids"]
     ctx.progress(0.35, "Writing a solution")
-    engine = _engine(ctx, params, lm)
-    sampling = _sampling(params, lm, params.get("max_new_tokens", 384), params.get("seed", 0),
-                         answer_stop=False)
+    engine = make_engine(params.engine, lm, ctx.settings)
+    sampling = _sampling(params, lm, params.seed, answer_stop=False)
     [out] = list(engine.run([Prompt("trace", ids, 1, text=prompt)], sampling,
                             _rollout_progress(ctx, 0.35, 0.95, "Writing a solution"),
                             lambda: ctx.cancelled))
     meta = {"solution": out.text, "answer": extract_boxed_answer(out.text),
             "finish_reason": out.finish_reason, "degenerate": out.finish_reason == "repetition"}
-    return _record(request, aid, lm.fingerprint, meta), {}
+    return Result(task.record(lm.fingerprint, meta))
 
 
-def compute_receivers(ctx, request: AnalysisRequest, aid: str):
+def compute_receivers(ctx, task: Task[ReceiverParams]):
     """Sentence x sentence attention of every head and the receiver heads (spec section 3)."""
-    params = dict(request.params)
+    request, params = task.request, task.params
     chunks = trace_chunks(request.text)
     lm = ctx.model(request.model)
-    ids, spans = _model_input(lm, request, ctx.settings.max_tokens)
+    ids, spans = _model_input(lm, task, ctx.settings.max_tokens)
     ctx.progress(0.35, f"One forward pass over {ids.shape[1]} tokens")
     blocks = receiver_pass(lm.model, ids, spans, progress=ctx.span(0.35, 0.9))
-    # The spec's proximity_ignore (4) leaves no sentence pairs in a short trace: shrink it so
+    # The spec's proximity_ignore leaves no sentence pairs in a short trace: shrink it so
     # about two thirds of the sentences still have later sentences far enough away.
-    proximity = min(params.get("proximity_ignore", 4), max(1, (len(chunks) - 1) // 3))
+    proximity = min(params.proximity_ignore, max(1, (len(chunks) - 1) // 3))
     vertical = vertical_scores(blocks, proximity)
     kurtosis = head_kurtosis(vertical)
-    top = receiver_heads(kurtosis, top_k=min(params.get("top_k", 20), kurtosis.size - 1))
+    top = receiver_heads(kurtosis, top_k=min(params.top_k, kurtosis.size - 1))
     heads = np.array(top, dtype=np.int64).reshape(-1, 2)
     meta = {"n_chunks": len(chunks), "n_tokens": int(ids.shape[1]),
             "proximity_ignore": proximity}
-    return _record(request, aid, lm.fingerprint, meta), {
-        "sentence_attention": blocks.astype(np.float16), "vertical": vertical,
-        "kurtosis": kurtosis, "receiver_heads": heads,
-        "receiver_scores": receiver_scores(vertical, [tuple(h) for h in heads])}
+    return ReceiversResult(task.record(lm.fingerprint, meta), blocks.astype(np.float16),
+                           vertical, kurtosis, heads,
+                           receiver_scores(vertical, [tuple(h) for h in heads]))
 
 
-def compute_suppression(ctx, request: AnalysisRequest, aid: str):
+def compute_suppression(ctx, task: Task[SuppressionParams]):
     """Mean log-KL on sentence j when sentence i is masked out (spec section 4), stored like
     every sentence matrix here as (source i, target j)."""
-    params = dict(request.params)
+    request = task.request
     trace_chunks(request.text)
     lm = ctx.model(request.model)
-    ids, spans = _model_input(lm, request, ctx.settings.max_tokens)
-    log_kl = suppression_log_kl(lm.model, ids, spans, temperature=params.get("temperature", 0.6),
+    ids, spans = _model_input(lm, task, ctx.settings.max_tokens)
+    log_kl = suppression_log_kl(lm.model, ids, spans, temperature=task.params.temperature,
                                 progress=ctx.span(0.3, 0.95))
     raw, normalized = suppression_scores(log_kl, spans)  # (target, source)
-    return _record(request, aid, lm.fingerprint, {"n_tokens": int(ids.shape[1])}), {
-        "suppression": raw.T, "suppression_normalized": normalized.T}
+    return SuppressionResult(task.record(lm.fingerprint, {"n_tokens": int(ids.shape[1])}),
+                             raw.T, normalized.T)
 
 
 def _rollout_row(c: Continuation, reference: str | None) -> dict:
@@ -178,7 +262,7 @@ def rollout_pool(request: AnalysisRequest, fingerprint: str) -> str:
     """Where a resampling request's rollouts are saved: the request without `rollouts`,
     `chunks`, `engine` and `forced`, so a later request for more rollouts or more sentences
     reuses every saved one (and a restarted job resumes)."""
-    params = {k: v for k, v in request.params if k in POOL_PARAMS}
+    params = {k: v for k, v in request.params.items() if k in POOL_PARAMS}
     pool = AnalysisRequest.make("ta_rollouts", request.model, request.text, **params)
     return "pool-" + analysis_id(pool, fingerprint)
 
@@ -222,38 +306,35 @@ class _Saver:
         self.rows, self.last = [], time.monotonic()
 
 
-FORCED_TOKENS = 12  # the forced answer follows "\\boxed{" at once
 
-
-def compute_resampling(ctx, request: AnalysisRequest, aid: str, store):
+def compute_resampling(ctx, task: Task[ResamplingParams]):
     """Counterfactual resampling (spec section 2) of the selected sentences (`chunks`, all by
     default) on the chosen rollout engine. Rollouts are saved as they arrive in the request's
     rollout pool (`rollout_pool`): a restarted job, or a later one asking for more, samples
     only what is missing."""
-    params = dict(request.params)
+    request, params, store = task.request, task.params, task.store
     chunks = trace_chunks(request.text)
-    selected, sampled = resampled_chunks(len(chunks), params.get("chunks"))
+    selected, sampled = resampled_chunks(len(chunks), params.chunks)
     lm = ctx.model(request.model)
-    reference = params.get("answer") or extract_boxed_answer(request.text)
-    n_rollouts = int(params.get("rollouts", 4))
+    reference = params.answer or extract_boxed_answer(request.text)
+    n_rollouts = params.rollouts
     pool = rollout_pool(request, lm.fingerprint)
-    todo = missing_rollouts(store, pool, sampled, n_rollouts, params.get("forced", True))
+    todo = missing_rollouts(store, pool, sampled, n_rollouts, params.forced)
     prompts = []
     for (i, forced), (saved, missing) in todo.items():
         if not missing:
             continue
-        prefix = (clean_resampling_prefix(request.text, i) if params.get("prefix") == "clean"
+        prefix = (clean_resampling_prefix(request.text, i) if params.prefix == "clean"
                   else resampling_prefix(chunks, i))
-        text = rollout_prompt(params.get("problem", ""), prefix, forced)
+        text = rollout_prompt(params.problem, prefix, forced)
         prompts.append(Prompt((i, forced), lm.tokenizer(text)["input_ids"], missing, text, saved,
                               [FORCED_TOKENS] * missing if forced else None))
-    engine_name = params.get("engine", EMBEDDED)
+    engine_name = params.engine
     if prompts:
         ctx.progress(0.3, f"Starting {sum(p.n for p in prompts):,} rollouts on {engine_name}")
-        engine = _engine(ctx, params, lm)
-        seed = int(params.get("seed", 0)) * 1_000_003 + sum(s for s, _ in todo.values())
-        sampling = _sampling(params, lm, params.get("max_new_tokens", 256), seed,
-                             answer_stop=True)
+        engine = make_engine(engine_name, lm, ctx.settings)
+        seed = params.seed * 1_000_003 + sum(s for s, _ in todo.values())
+        sampling = _sampling(params, lm, seed, answer_stop=True)
         saver = _Saver(store, pool)
         report = _rollout_progress(ctx, 0.3, 0.9, f"Resampling {len(sampled)} sentences")
         meter = None
@@ -285,7 +366,15 @@ def compute_resampling(ctx, request: AnalysisRequest, aid: str, store):
     meta = {"n_chunks": len(chunks), "rollouts": n_rollouts, "reference_answer": reference,
             "chunks": selected, "engine": engine_name, "rollout_pool": pool,
             "rollouts_per_s": RATES.get(engine_name)}
-    return _record(request, aid, lm.fingerprint, meta), arrays
+    return ResamplingResult(task.record(lm.fingerprint, meta), **arrays)
+
+
+TRACE = Kind("ta_trace", TraceParams, compute_trace, Result)
+GENERATION = Kind("ta_generate", GenerationParams, compute_generation, Result)
+RECEIVERS = Kind("ta_receivers", ReceiverParams, compute_receivers, ReceiversResult)
+SUPPRESSION = Kind("ta_suppression", SuppressionParams, compute_suppression, SuppressionResult)
+RESAMPLING = Kind("ta_resampling", ResamplingParams, compute_resampling, ResamplingResult,
+                  resumable=True)
 
 
 def counterfactual_matrix_of(chunks: list[str], saved: list[dict]) -> np.ndarray:

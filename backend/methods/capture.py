@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from backend.methods.hooks import attention_modules, attention_weight_hooks
+from backend.progress import Progress
 
 LayerReducer = Callable[[int, torch.Tensor], Any]
-Progress = Callable[[float, str], None]
 
 
 def to_float16(layer: int, weights: torch.Tensor) -> np.ndarray:

@@ -27,8 +27,8 @@ from backend.errors import ModelLoadError
 from backend.methods import exact
 from backend.methods.exact import AttentionRule
 from backend.methods.hooks import attention_function
+from backend.progress import Progress
 
-Progress = Callable[[float, str], None]
 # reducers(layer, n_heads, n_tokens, device) -> objects with update(q0, k0, p) and result()
 Reducers = Callable[[int, int, int, torch.device], list]
 GPU_CHUNK_BYTES = 1 << 30  # float32 weights of one chunk of queries, all heads

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from backend.methods.binning import bin_edges
-from backend.methods.heads.roles import kurtosis_of_vertical
+from backend.methods.heads.roles import LOCALITY_WINDOW, ROLE_NAMES, kurtosis_of_vertical
+from backend.methods.thought_anchors.receivers import PROXIMITY_IGNORE
 
 
 MATMUL_SPANS = 512  # up to this many key spans, block sums are one product with a 0/1 matrix
@@ -77,15 +78,13 @@ class BlockMeans:
         return np.where(sizes > 0, out, np.nan).astype(np.float32)
 
 
-ROLE_NAMES = ("previous_token", "first_token", "self", "locality", "entropy", "confidence",
-              "receiver_kurtosis")
 
 
 class HeadStatistics:
     """Every role of `methods.heads.roles.head_roles` for one layer, (head,) each."""
 
-    def __init__(self, n_heads: int, n_tokens: int, device, window: int = 8,
-                 proximity_ignore: int = 4):
+    def __init__(self, n_heads: int, n_tokens: int, device, window: int = LOCALITY_WINDOW,
+                 proximity_ignore: int = PROXIMITY_IGNORE):
         self.n, self.prox = n_tokens, proximity_ignore
         self.w = max(1, min(window, n_tokens - 1))
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
@@ -133,7 +132,8 @@ class HeadStatistics:
             self.vertical[:, k0 + every:k0 + stop] += (p[..., every:stop] * later).sum(1).double()
 
     @staticmethod
-    def unavailable(n_tokens: int, proximity_ignore: int = 4) -> dict[str, str]:
+    def unavailable(n_tokens: int,
+                    proximity_ignore: int = PROXIMITY_IGNORE) -> dict[str, str]:
         """Roles an input of n_tokens cannot give (NaN in result()), with the reason."""
         reasons = {}
         if n_tokens < 3:

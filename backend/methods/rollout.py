@@ -33,12 +33,11 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
+from backend.errors import InputError, JobCancelled
+from backend.progress import Progress
+
 HEAD_FUSIONS = ("mean", "max", "min")
 _SCALE = 2**30  # integer capacity = floor(capacity * _SCALE); capacities are <= 1
-
-
-class FlowCancelled(Exception):
-    """attention_flow was stopped because should_stop() returned True."""
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -69,14 +68,24 @@ def _attention(attn) -> np.ndarray:
     return array
 
 
+def fuse_heads(weights, head_fusion: str, axis: int):
+    """One map from a layer's heads along `axis`: their mean, max or min (HEAD_FUSIONS), of a
+    numpy array or a torch tensor."""
+    if head_fusion not in HEAD_FUSIONS:
+        raise InputError(f"Head fusion must be one of {', '.join(HEAD_FUSIONS)}; "
+                         f"got {head_fusion!r}.")
+    if head_fusion == "mean":
+        return weights.mean(axis)
+    torch_reduce = getattr(weights, "a" + head_fusion, None)  # tensors: amax / amin
+    return torch_reduce(axis) if torch_reduce else getattr(weights, head_fusion)(axis)
+
+
 def residual_attention(attn, head_fusion: str = "mean") -> np.ndarray:
     """Atil_l = (Abar_l + I) / rowsum: heads fused, residual added, rows renormalised.
 
     attn (layer, head, query, key) -> (layer, query, key); entry [l - 1] is Atil_l.
     """
-    if head_fusion not in HEAD_FUSIONS:
-        raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}; got {head_fusion!r}")
-    fused = getattr(_attention(attn), head_fusion)(axis=1)
+    fused = fuse_heads(_attention(attn), head_fusion, axis=1)
     fused = fused + np.eye(fused.shape[-1])
     return fused / fused.sum(-1, keepdims=True)
 
@@ -171,7 +180,7 @@ def attention_flow(
     attn,
     head_fusion: str = "mean",
     normalize: bool = True,
-    progress: Callable[[float, str], None] | None = None,
+    progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """Max-flow from every top-layer token (L, i) to every input token (0, j).
@@ -181,7 +190,7 @@ def attention_flow(
     is divided by its sum; otherwise the raw max-flow values are returned.
 
     progress(fraction, stage) is called now and then with fraction in [0, 1]; should_stop() is
-    polled about every 50 ms and FlowCancelled raised as soon as it returns True.
+    polled about every 50 ms and JobCancelled raised as soon as it returns True.
     """
     atil = residual_attention(attn, head_fusion)
     ticker = _Ticker(progress, should_stop)
@@ -207,7 +216,7 @@ class _Ticker:
             return
         self.last = now
         if self.should_stop is not None and self.should_stop():
-            raise FlowCancelled(f"attention flow cancelled during {stage}")
+            raise JobCancelled(f"attention flow cancelled during {stage}")
         total = self.done + ahead
         self.shown = max(self.shown, self.done / total if total > 0 else 1.0)
         if self.progress is not None:

@@ -15,21 +15,23 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from backend.config import Settings
 from backend.models.fingerprint import file_sha256
-from backend.models.sources import ModelSource
+from backend.models.sources import ModelSource, assemble_packaged, declared_sha256
+from backend.progress import Progress
 
-Progress = Callable[[float, str], None]
 _conversion_lock = threading.Lock()
 
 
 def converted_folder(source: ModelSource, settings: Settings) -> Path:
     """Where the safetensors copy of a GGUF source lives (whether or not it exists yet)."""
-    return settings.converted_models_dir / file_sha256(source.path / source.gguf_file)
+    sha = declared_sha256(source).get(source.gguf_file) or file_sha256(source.path /
+                                                                      source.gguf_file)
+    return settings.converted_models_dir / sha
 
 
 def is_converted(source: ModelSource, settings: Settings) -> bool:
@@ -83,6 +85,7 @@ def convert_gguf(source: ModelSource, settings: Settings,
         if (target / "config.json").is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
+        assemble_packaged(source)  # a packaged model in parts: its file, once
         with _parse_once(lambda f, stage: progress(0.1 + 0.8 * f, stage)):
             progress(0.0, "Reading the GGUF file's vocabulary and settings")
             tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)

@@ -38,15 +38,19 @@ def file_sha256(path: Path) -> str:
     return _memo[key]
 
 
-def weights_fingerprint(folder: Path, only: str | None = None) -> str:
+def weights_fingerprint(folder: Path, only: str | None = None,
+                        known: dict[str, str] | None = None) -> str:
     """sha256 over (file name, file sha256) of the weight, config and tokenizer files of a folder.
 
-    only: restrict to one file of the folder (a GGUF file beside others).
+    only: restrict to one file of the folder (a GGUF file beside others). known: file sha256s
+    given instead of read (a file that is not written yet).
     """
+    known = known or {}
     names = [only] if only else sorted(
         p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name in IDENTITY_FILES
     )
     digest = hashlib.sha256()
     for name in names:
-        digest.update(f"{name}:{file_sha256(folder / name)}\n".encode())
+        sha = known[name] if name in known else file_sha256(folder / name)
+        digest.update(f"{name}:{sha}\n".encode())
     return digest.hexdigest()

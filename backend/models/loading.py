@@ -11,7 +11,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer,
@@ -24,11 +23,11 @@ from backend.config import Settings
 from backend.errors import ModelLoadError
 from backend.models.conversion import convert_gguf, is_converted
 from backend.models.fingerprint import weights_fingerprint
-from backend.models.sources import ModelSource, check_config
+from backend.models.sources import ModelSource, check_config, declared_sha256
+from backend.progress import Progress
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we run our own worker threads
-Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -103,7 +102,8 @@ def _hub_folder(source: ModelSource) -> Path:
 def source_fingerprint(source: ModelSource) -> str:
     """Identity of the weights (and tokenizer) a source loads, without loading them."""
     if source.gguf_file:
-        return weights_fingerprint(source.path, only=source.gguf_file)
+        return weights_fingerprint(source.path, only=source.gguf_file,
+                                   known=declared_sha256(source))
     return weights_fingerprint(_hub_folder(source) if source.kind == "hub" else source.path)
 
 

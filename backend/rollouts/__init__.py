@@ -6,7 +6,7 @@ OpenAI-compatible /v1/completions server that the operator configured (`registry
 """
 
 from backend.rollouts.base import (AnswerStop, Continuation, EngineError, Prompt, RolloutEngine,
-                                   RolloutMeter, RolloutsCancelled, SamplingParams, degenerate)
+                                   RolloutMeter, SamplingParams, degenerate)
 
 __all__ = ["AnswerStop", "Continuation", "EngineError", "Prompt", "RolloutEngine",
-           "RolloutMeter", "RolloutsCancelled", "SamplingParams", "degenerate"]
+           "RolloutMeter", "SamplingParams", "degenerate"]

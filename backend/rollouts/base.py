@@ -24,10 +24,6 @@ REPEAT_MAX_PERIOD = 40
 FINISH_REASONS = ("stop", "answer", "repetition", "length")
 
 
-class RolloutsCancelled(AtlasError):
-    """should_stop() returned True: the continuations yielded so far are all there is."""
-
-
 class EngineError(AtlasError):
     """An engine could not produce rollouts (a server down, a model it cannot run)."""
 
@@ -51,14 +47,18 @@ class Prompt:
         return min(default, self.max_new_tokens[i]) if self.max_new_tokens else default
 
 
+TEMPERATURE = 0.6  # the Thought Anchors reference runs
+TOP_P = 0.95
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature <= 0 is greedy. `stop_token_ids` end a continuation (not included in it).
     `stop_at_repetition`: end degenerate repetition (finish_reason "repetition").
     `answer_stop`: optional `AnswerStop` ending a continuation after its first complete answer."""
 
-    temperature: float = 0.6
-    top_p: float = 0.95
+    temperature: float = TEMPERATURE
+    top_p: float = TOP_P
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = 0
@@ -159,7 +159,8 @@ Progress = Callable[[RolloutMeter], None]
 
 class RolloutEngine(Protocol):
     """What resampling and trace generation call. `run` yields continuations as they finish and
-    polls `should_stop` (raises RolloutsCancelled); `progress` gets the meter after each one."""
+    polls `should_stop` (raises JobCancelled: the continuations yielded so far are all there
+    is); `progress` gets the meter after each one."""
 
     name: str
 

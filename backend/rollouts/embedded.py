@@ -28,8 +28,10 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from backend.errors import JobCancelled
+
 from backend.rollouts.base import (Continuation, EngineError, Progress, Prompt, RolloutMeter,
-                                   RolloutsCancelled, SamplingParams, degenerate)
+                                   SamplingParams, degenerate)
 from backend.rollouts.sampling import sample_next
 
 log = logging.getLogger(__name__)
@@ -383,7 +385,7 @@ class EmbeddedEngine:
         yield from done
         while any(row is not None for row in slots):
             if should_stop is not None and should_stop():
-                raise RolloutsCancelled("Rollouts cancelled.")
+                raise JobCancelled("Rollouts cancelled.")
             with torch.inference_mode():
                 self.cache.pos.copy_(torch.tensor(host_pos))
                 logits = self._step(bucket(max(host_pos) + 1, self.cache.shape[1]))

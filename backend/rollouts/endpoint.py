@@ -23,8 +23,9 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+from backend.errors import JobCancelled
 from backend.rollouts.base import (Continuation, EngineError, Progress, Prompt, RolloutMeter,
-                                   RolloutsCancelled, SamplingParams)
+                                   SamplingParams)
 from backend.rollouts.registry import EndpointConfig
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class EndpointEngine:
             for _ in futures:
                 while True:
                     if should_stop is not None and should_stop():
-                        raise RolloutsCancelled("Rollouts cancelled.")
+                        raise JobCancelled("Rollouts cancelled.")
                     try:
                         future = results.get(timeout=0.2)
                         break

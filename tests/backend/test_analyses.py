@@ -100,3 +100,104 @@ def test_input_errors_are_value_errors():
     # Callers that only know the standard library can still catch bad input.
     with pytest.raises(ValueError):
         _req(text="").validate()
+
+
+# --- declared parameters: defaults before hashing, refusals that name the parameter ---------
+
+from backend.analyses import KINDS  # noqa: E402
+from backend.analyses.params import declared, defaults, from_query, parse  # noqa: E402
+
+
+@pytest.mark.parametrize("kind, name, value", [
+    ("head_importance", "method", "gradient"),
+    ("pruning_curve", "method", "gradient"),
+    ("pruning_curve", "recompute", False),
+    ("attention_flow", "head_fusion", "mean"),
+    ("gradient_rollout", "target", None),
+    ("ta_receivers", "proximity_ignore", 4),
+    ("ta_receivers", "top_k", 20),
+    ("ta_suppression", "temperature", 0.6),
+    ("ta_generate", "max_new_tokens", 384),
+    ("ta_resampling", "temperature", 0.6),
+    ("ta_resampling", "top_p", 0.95),
+    ("ta_resampling", "max_new_tokens", 256),
+    ("ta_resampling", "rollouts", 4),
+    ("ta_resampling", "seed", 0),
+    ("long_context_heads", "lengths", [1000, 2000]),
+])
+def test_a_default_left_out_and_given_are_one_cache_id(kind, name, value):
+    left_out = AnalysisRequest.make(kind, "smollm2", "A text.")
+    given = AnalysisRequest.make(kind, "smollm2", "A text.", **{name: value})
+    assert left_out == given and left_out.canonical() == given.canonical()
+    assert analysis_id(left_out, FP) == analysis_id(given, FP)
+    assert left_out.params[name] == (tuple(value) if isinstance(value, list) else value)
+
+
+def test_a_value_other_than_the_default_is_another_id():
+    base = AnalysisRequest.make("head_importance", "smollm2", "A text.")
+    other = AnalysisRequest.make("head_importance", "smollm2", "A text.", method="entropy")
+    assert analysis_id(base, FP) != analysis_id(other, FP)
+
+
+def test_a_whole_number_for_a_float_is_the_same_float():
+    one = AnalysisRequest.make("ta_suppression", "smollm2", "A text.", temperature=1)
+    assert one == AnalysisRequest.make("ta_suppression", "smollm2", "A text.", temperature=1.0)
+    assert isinstance(one.params["temperature"], float)
+
+
+def test_params_are_a_read_only_hashable_mapping():
+    request = AnalysisRequest.make("long_context_heads", "smollm2", "A needle.", lengths=[500])
+    assert request.params["lengths"] == (500,) and "bins" in request.params
+    assert hash(request) == hash(AnalysisRequest.make("long_context_heads", "smollm2",
+                                                      "A needle.", lengths=(500,)))
+    with pytest.raises(TypeError):
+        request.params["bins"] = 3
+    # A request rebuilt from its canonical JSON (how a worker service receives it) is equal.
+    import json
+    payload = json.loads(request.canonical())
+    assert AnalysisRequest.make(payload["kind"], payload["model"], payload["text"],
+                                **payload["params"]) == request
+
+
+@pytest.mark.parametrize("kind, params, message", [
+    ("attention", {"foo": 1}, "Unknown parameter 'foo' for attention analyses (they take: "
+                              "none)"),
+    ("attention_flow", {"bins": 3}, "Unknown parameter 'bins' for attention_flow analyses "
+                                    "(they take: head_fusion)"),
+    ("long_context_heads", {"bins": "abc"}, "long_context_heads: 'bins' must be a whole "
+                                            "number, got 'abc'"),
+    ("long_context_heads", {"depths": [0.5, 2]}, "long_context_heads: 'depths' must be between"),
+    ("long_context_heads", {"lengths": []}, "long_context_heads: 'lengths' must be a list"),
+    ("long_context_heads", {"lengths": [200], "bins": 128}, "at least 256 tokens long"),
+    ("ta_resampling", {"chunks": ["1"]}, "ta_resampling: 'chunks' must be a whole number"),
+    ("ta_resampling", {"prefix": "dirty"}, "ta_resampling: 'prefix' must be one of faithful, "
+                                           "clean"),
+    ("ta_receivers", {"top_k": 0}, "ta_receivers: 'top_k' must be between 1 and"),
+])
+def test_unknown_and_ill_typed_parameters_are_refused_naming_kind_and_parameter(kind, params,
+                                                                             message):
+    with pytest.raises(InputError) as info:
+        validate(AnalysisRequest.make(kind, "smollm2", "A text.", **params))
+    assert message in str(info.value)
+
+
+def test_query_strings_are_converted_by_the_declared_type():
+    probe = KINDS["long_context_heads"].params
+    typed = from_query("long_context_heads", probe,
+                       {"lengths": "500, 700", "depths": "0.2,0.8", "passkey_length": "500"})
+    assert typed == {"lengths": (500, 700), "depths": (0.2, 0.8), "passkey_length": 500}
+    flags = from_query("pruning_curve", KINDS["pruning_curve"].params, {"recompute": "true"})
+    assert flags == {"recompute": True}
+    for bad, message in [({"lengths": "5OO"}, "'lengths' must be comma-separated numbers"),
+                         ({"passkey_length": "1e3"}, "'passkey_length' must be a whole number"),
+                         ({"colour": "blue"}, "Unknown parameter 'colour'")]:
+        with pytest.raises(InputError, match=message):
+            from_query("long_context_heads", probe, bad)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_declared_default_passes_its_own_checks(kind):
+    params_type = KINDS[kind].params
+    parsed = parse(kind, params_type, {})
+    assert {name: getattr(parsed, name) for name in declared(params_type)} == \
+        defaults(params_type)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
 import torch
 
+from backend.analyses.heads import ROLES, ImportanceResult, RolesResult
 from backend.api import Atlas, AttentionResult
 from backend.errors import InputError
 from backend.methods.hooks import attention_implementation
+from backend.store import Store
 from tests.conftest import REPO_ROOT
 
 TEXT = "The trophy did not fit in the suitcase because it was too big."
@@ -83,6 +86,28 @@ def test_other_kinds_return_their_arrays(atlas):
         roles["no_such_array"]
     with pytest.raises(InputError, match="Unknown analysis kind"):
         atlas.analysis("no_such_kind", "smollm2", TEXT)
+
+
+def test_results_are_typed_per_kind_and_save_and_load_themselves(atlas, tmp_path):
+    importance = atlas.head_importance("smollm2", TEXT)
+    assert isinstance(importance, ImportanceResult) and importance.meta["method"] == "gradient"
+    assert importance.raw.shape == importance.layer.shape == importance.global_.shape == (30, 9)
+    # the "layer" normalisation: every layer of unit L2 norm; "global": min-max to [0, 1]
+    np.testing.assert_allclose(np.linalg.norm(importance.layer, axis=1), 1.0, rtol=1e-9)
+    assert importance.global_.min() == 0.0 and importance.global_.max() == 1.0
+    np.testing.assert_array_equal(importance["global"], importance.global_)  # stored name
+    roles = atlas.head_roles("smollm2", TEXT)
+    assert isinstance(roles, RolesResult) and "induction" in roles.scores
+    assert set(roles.scores) <= set(ROLES)
+    copy = Store(tmp_path / "copy.duckdb")
+    try:
+        importance.save(copy)
+        again = ImportanceResult.load(copy, importance.id)
+        assert replace(again.record, created=None) == replace(importance.record, created=None)
+        for name, array in importance.arrays().items():
+            np.testing.assert_array_equal(again[name], array)
+    finally:
+        copy.close()
 
 
 def test_readme_example_runs(tmp_path, monkeypatch):

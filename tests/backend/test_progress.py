@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from backend.analyses.long_context import probe_request
-from backend.analyses import ANALYSES, AnalysisRequest
+from backend.analyses import KINDS, AnalysisRequest
 from backend.worker import Worker
 
 COUNTER = re.compile(r"(\d+)/(\d+)")
@@ -120,7 +120,7 @@ REQUESTS = [
 
 
 def test_every_kind_is_covered():
-    assert {r.kind for r in REQUESTS} == set(ANALYSES)
+    assert {r.kind for r in REQUESTS} == set(KINDS)
 
 
 def _counter_restarts(stages: list[str]) -> list[tuple[str, str]]:

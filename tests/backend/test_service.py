@@ -46,17 +46,17 @@ def _wait(predicate, timeout: float = 60.0) -> None:
 @pytest.fixture
 def counted(monkeypatch):
     """Counts calls of the real attention analysis; `gate` holds a call until it is set."""
-    real = analyses.ANALYSES["attention"]
+    real = analyses.KINDS["attention"]
     calls: list[str] = []
     gate = threading.Event()
     gate.set()
 
-    def counting(ctx, request, aid):
-        calls.append(request.text)
+    def counting(ctx, task):
+        calls.append(task.request.text)
         assert gate.wait(60)
-        return real(ctx, request, aid)
+        return real.compute(ctx, task)
 
-    monkeypatch.setitem(analyses.ANALYSES, "attention", counting)
+    monkeypatch.setitem(analyses.KINDS, "attention", replace(real, compute=counting))
     yield calls, gate
     gate.set()
 

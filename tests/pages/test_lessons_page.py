@@ -7,7 +7,8 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from backend.analyses.long_context import LINK_SETTINGS
+from backend.analyses.long_context import LINK_SETTINGS, ProbeParams
+from backend.analyses.params import declared
 from backend.lessons import read_lessons
 from backend.precompute import precompute
 from tests.conftest import REPO_ROOT
@@ -77,7 +78,8 @@ def test_every_step_opens_from_the_cache_with_its_settings(service, precomputed,
     assert any(step.title in s.value.replace("\\", "") for s in at.subheader)
     for key, value in step.params.items():
         if key in LINK_SETTINGS:  # a probe setting: the probe shown was computed with it
-            name, kind = LINK_SETTINGS[key]
+            name = LINK_SETTINGS[key]
+            kind = declared(ProbeParams)[name].base
             probe_id = at.query_params["lc"]
             probe = service.analysis(probe_id[0] if isinstance(probe_id, list) else probe_id)
             used = probe.params[name]

@@ -241,3 +241,16 @@ def test_bad_compare_texts_give_a_clear_message(ids, text_b, reason):
         at.run()
     assert not at.exception, at.exception
     assert reason in messages(at)
+
+
+@pytest.mark.parametrize("params, named", [
+    (dict(lc_lengths="abc"), "'lengths' must be comma-separated numbers"),
+    (dict(lc_passkey="1e9x"), "'passkey_length' must be a whole number"),
+    (dict(lc_depths="0.5,2"), "'depths' must be between 0 and 1"),
+])
+def test_malformed_probe_settings_in_a_link_are_refused_naming_the_parameter(ids, params,
+                                                                             named):
+    at = app("long_context_heads", a=ids["attention"], **params)
+    assert not at.exception, at.exception
+    said = messages(at)
+    assert "long_context_heads" in said and named in said, said

@@ -4,6 +4,7 @@ while a long job runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,13 +23,13 @@ LAUNCHER = f"import runpy; runpy.run_path({str(REPO_ROOT / 'app.py')!r}, run_nam
 @pytest.fixture
 def computations(monkeypatch):
     """Texts the real attention computation was called for."""
-    real, calls = analyses.ANALYSES["attention"], []
+    real, calls = analyses.KINDS["attention"], []
 
-    def counting(ctx, request, aid):
-        calls.append(request.text)
-        return real(ctx, request, aid)
+    def counting(ctx, task):
+        calls.append(task.request.text)
+        return real.compute(ctx, task)
 
-    monkeypatch.setitem(analyses.ANALYSES, "attention", counting)
+    monkeypatch.setitem(analyses.KINDS, "attention", dataclasses.replace(real, compute=counting))
     return calls
 
 

@@ -17,7 +17,6 @@ haystack never forms a (head, T, T) map):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +31,8 @@ from backend.methods.exact import AttentionRule
 from backend.methods.heads.long_context import FirstKeyMass, streaming_errors
 from backend.methods.hooks import attention_function
 from backend.methods.qk_capture import UnsupportedAttention, capture_layers, mask_rule
+from backend.progress import Progress
 
-Progress = Callable[[float, str], None]
 _WHO = ("The old miller", "A quiet engineer", "The river pilot", "My neighbour", "The night baker",
         "A travelling painter", "The village teacher", "An orchard keeper", "The harbour clerk",
         "A young botanist", "The choir master", "Her grandfather", "The lighthouse keeper",

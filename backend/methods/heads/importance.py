@@ -22,10 +22,10 @@ from backend.methods.capture import capture_attention
 from backend.methods.heads.gates import gate_shape, head_gates
 from backend.methods.heads.losses import LossFn, default_loss, is_causal_lm, rows_per_example
 from backend.methods.heads.roles import attention_confidence, attention_entropy
+from backend.progress import Progress
 
-Progress = Callable[[float, str], None]
 METHODS = ("gradient", "ablation", "confidence", "entropy")
-NORMALIZATIONS = ("layer", "global", None)
+NORMALIZATIONS = ("layer", "global", "raw")  # also the names of the stored arrays
 # Float elements of the widest activation per pass on a CPU (128 MiB fp32). Larger passes were
 # slower on a 2-core CPU: 85 settings x 64 tokens of SmolLM2 per pass ran 2.8x slower than 10.
 ROW_BUDGET = 2 ** 25
@@ -180,9 +180,9 @@ def raw_importance(model: nn.Module, input_ids: torch.Tensor, method: str = "gra
 
 def normalize_importance(scores: np.ndarray, normalize: str | None = "layer") -> np.ndarray:
     """(layer, head) -> (layer, head). "layer": each layer divided by its L2 norm + 1e-20;
-    "global": "layer", then min-max over all heads to [0, 1]; None: unchanged."""
+    "global": "layer", then min-max over all heads to [0, 1]; "raw" (or None): unchanged."""
     scores = np.asarray(scores, dtype=np.float64)
-    if normalize is None:
+    if normalize in ("raw", None):
         return scores.copy()
     if normalize not in NORMALIZATIONS:
         raise InputError(f"Unknown normalisation {normalize!r}: pick one of {NORMALIZATIONS}.")

@@ -3,7 +3,6 @@ masked, heads masked cumulatively from least to most important, beside a seeded 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,8 +12,7 @@ from torch import nn
 from backend.methods.heads.importance import (as_batch, loss_under_gates, normalize_importance,
                                               ones_gates, raw_importance)
 from backend.methods.heads.losses import LossFn
-
-Progress = Callable[[float, str], None]
+from backend.progress import Progress
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from scipy.special import entr
-from scipy.stats import kurtosis
 from torch import nn
 
 from backend.errors import InputError
 from backend.methods.capture import capture_attention
+from backend.methods.thought_anchors.receivers import (PROXIMITY_IGNORE, head_kurtosis,
+                                                       vertical_scores)
+from backend.progress import Progress
+
+LOCALITY_WINDOW = 8  # tokens: a head attending within it counts as local
 
 
 def _weights(attention, min_tokens: int = 1) -> np.ndarray:
@@ -68,7 +72,7 @@ def attention_confidence(attention) -> np.ndarray:
     return _weights(attention).max(axis=-1).mean(axis=-1)
 
 
-def locality_scores(attention, window: int = 8) -> np.ndarray:
+def locality_scores(attention, window: int = LOCALITY_WINDOW) -> np.ndarray:
     """1 - (capped mean attention distance) / window, in [0, 1] (module docstring)."""
     weights = _weights(attention, 2)
     tokens = weights.shape[-1]
@@ -79,29 +83,21 @@ def locality_scores(attention, window: int = 8) -> np.ndarray:
     return 1.0 - expected.mean(axis=-1) / w
 
 
-def vertical_scores(attention, proximity_ignore: int = 4) -> np.ndarray:
-    """v[k] = mean of A[t, k] over queries t - k >= proximity_ignore: (..., query, key) ->
-    (..., key), NaN for keys with no such query."""
-    weights = _weights(attention)
-    positions = np.arange(weights.shape[-1])
-    later = (positions[:, None] - positions[None, :] >= proximity_ignore).astype(np.float32)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (weights * later).sum(axis=-2) / later.sum(axis=0)
-
-
-def receiver_kurtosis(attention, proximity_ignore: int = 4, skip_first: bool = True) -> np.ndarray:
+def receiver_kurtosis(attention, proximity_ignore: int = PROXIMITY_IGNORE,
+                      skip_first: bool = True) -> np.ndarray:
     """Fisher kurtosis (biased) of the vertical scores over keys: (..., query, key) -> (...)."""
-    return kurtosis_of_vertical(vertical_scores(attention, proximity_ignore), proximity_ignore,
-                                skip_first)
+    return kurtosis_of_vertical(vertical_scores(_weights(attention), proximity_ignore),
+                                proximity_ignore, skip_first)
 
 
-def kurtosis_of_vertical(vertical, proximity_ignore: int = 4,
+def kurtosis_of_vertical(vertical, proximity_ignore: int = PROXIMITY_IGNORE,
                          skip_first: bool = True) -> np.ndarray:
-    """receiver_kurtosis from vertical scores (..., key) -> (...)."""
+    """receiver_kurtosis from vertical scores (..., key) -> (...): the sentence-level
+    `head_kurtosis` on token keys, without the first key and the last `proximity_ignore`."""
     scored = vertical[..., int(skip_first):vertical.shape[-1] - proximity_ignore]
     if scored.shape[-1] < 2:
         raise InputError(f"Receiver kurtosis needs more than {proximity_ignore + 2} tokens.")
-    return kurtosis(scored, axis=-1, fisher=True, bias=True)
+    return head_kurtosis(scored)
 
 
 def induction_scores_from_attention(attention, period: int, start: int = 0) -> np.ndarray:
@@ -116,10 +112,9 @@ def induction_scores_from_attention(attention, period: int, start: int = 0) -> n
     return weights[..., queries, queries - period + 1].mean(axis=-1)
 
 
-def head_roles(attention, window: int = 8, proximity_ignore: int = 4) -> dict[str, np.ndarray]:
-    """Every role score of an ordinary text, name -> (layer, head), from (layer, head, query, key).
-    Induction needs a repeated random sequence: see `induction_scores`."""
-    roles: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+def _role_scores(window: int, proximity_ignore: int) -> dict[str, Callable]:
+    """The one table of the roles an ordinary text gives: name -> score of (..., query, key)."""
+    return {
         "previous_token": previous_token_scores,
         "first_token": first_token_scores,
         "self": self_scores,
@@ -128,6 +123,16 @@ def head_roles(attention, window: int = 8, proximity_ignore: int = 4) -> dict[st
         "confidence": attention_confidence,
         "receiver_kurtosis": lambda a: receiver_kurtosis(a, proximity_ignore),
     }
+
+
+ROLE_NAMES = tuple(_role_scores(LOCALITY_WINDOW, PROXIMITY_IGNORE))
+
+
+def head_roles(attention, window: int = LOCALITY_WINDOW,
+               proximity_ignore: int = PROXIMITY_IGNORE) -> dict[str, np.ndarray]:
+    """Every role score of an ordinary text, name -> (layer, head), from (layer, head, query, key).
+    Induction needs a repeated random sequence: see `induction_scores`."""
+    roles = _role_scores(window, proximity_ignore)
     weights = _weights(attention)
     return {name: score(weights) for name, score in roles.items()}
 
@@ -149,7 +154,7 @@ def repeated_random_tokens(model: nn.Module, n_tokens: int = 50, seed: int = 0,
 
 
 def induction_scores(model: nn.Module, n_tokens: int = 50, seed: int = 0, n_sequences: int = 4,
-                     progress: Callable[[float, str], None] | None = None) -> np.ndarray:
+                     progress: Progress | None = None) -> np.ndarray:
     """Induction score per head, (layer, head), on `n_sequences` random sequences of `n_tokens`
     tokens each repeated twice (seeded), averaged over the sequences."""
     ids, start = repeated_random_tokens(model, n_tokens, seed, n_sequences)

@@ -20,6 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from backend.errors import JobCancelled
+from backend.progress import Progress
+
 from ..capture import capture_attention
 from ..qk_capture import UnsupportedAttention, capture_layers
 from ..reductions import BlockMeans
@@ -29,7 +32,6 @@ from .suppression import (
     suppression_mask, suppression_matrix, token_log_kl,
 )
 
-Progress = Callable[[float, str], None]
 Span = tuple[int, int]
 
 MAX_BATCH = 8  # suppressed variants per forward pass, at most
@@ -37,10 +39,6 @@ CPU_BATCH_BYTES = 2 * 2**30  # activation budget of one pass on the CPU
 HEAD_BLOCK_BYTES = 2**30  # float32 attention of this many bytes is reduced at a time
 LOGIT_BLOCK_ELEMENTS = 2**26  # (variant, position, vocab) logits alive at once
 KL_BLOCK_ELEMENTS = 2**26  # (variant, position, 2K, K) comparisons alive at once
-
-
-class SuppressionCancelled(Exception):
-    """suppression_log_kl was stopped because should_stop() returned True."""
 
 
 def _as_batch(input_ids) -> torch.Tensor:
@@ -174,7 +172,7 @@ def suppression_log_kl(model: nn.Module, input_ids, token_spans: Sequence[Span],
     compressed to its top-p set at `temperature` (`compress_top_p`, union support). Positions
     before chunk i see nothing suppressed and give KL ~ 0 (log ~ -20.7). n_chunks + 1 passes in
     batches of `batch_size` rows (default: from the free memory, at most 8); the baseline is row 0
-    of the first batch. should_stop() is polled between passes (raises SuppressionCancelled).
+    of the first batch. should_stop() is polled between passes (raises JobCancelled).
     """
     if model.config._attn_implementation not in ("eager", "sdpa"):
         raise ValueError("attention suppression needs eager or sdpa attention (4D float masks), "
@@ -186,7 +184,7 @@ def suppression_log_kl(model: nn.Module, input_ids, token_spans: Sequence[Span],
     base, rows = None, []
     for start in range(0, len(variants), batch_size):
         if should_stop is not None and should_stop():
-            raise SuppressionCancelled("attention suppression cancelled")
+            raise JobCancelled("attention suppression cancelled")
         top = _compressed_passes(model, input_ids, variants[start : start + batch_size],
                                  temperature, top_p, max_tokens)
         if base is None:

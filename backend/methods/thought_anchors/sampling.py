@@ -13,23 +13,20 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from backend.rollouts.base import Prompt, RolloutsCancelled, SamplingParams
+from backend.progress import Progress
+from backend.rollouts.base import TEMPERATURE, TOP_P, Prompt, SamplingParams
 from backend.rollouts.embedded import EmbeddedEngine
 from backend.rollouts.sampling import sample_next
 
 from .resampling import rollout_prompt
 from .segmentation import clean_resampling_prefix, resampling_prefix
 
-Progress = Callable[[float, str], None]
-SamplingCancelled = RolloutsCancelled
 
-TEMPERATURE = 0.6  # the reference runs
-TOP_P = 0.95
 MAX_NEW_TOKENS = 1024
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>",
               "<｜end▁of▁sentence｜>")
 
-__all__ = ["SamplingCancelled", "resampling_prompt", "sample_continuations", "sample_next",
+__all__ = ["resampling_prompt", "sample_continuations", "sample_next",
            "sample_one_by_one", "sample_token_ids", "stop_token_ids"]
 
 
@@ -79,7 +76,7 @@ def sample_token_ids(model: nn.Module, prompt_ids, n: int, eos_token_ids: Iterab
     rows (default all n) sample from copies of its KV cache, one forward pass per token, rows
     refilled as rollouts finish. Rows stop at any of `eos_token_ids` (none: exactly
     `max_new_tokens` tokens each). `seed` makes runs reproducible (same seed, n, batch_size and
-    device: same output). should_stop() is polled every token (raises SamplingCancelled);
+    device: same output). should_stop() is polled every token (raises JobCancelled);
     progress(fraction of rollouts finished, message) after every token.
     """
     engine = EmbeddedEngine(model, max_rows=max(1, min(batch_size or n, n)))

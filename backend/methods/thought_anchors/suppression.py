@@ -15,9 +15,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from backend.rollouts.base import TEMPERATURE  # the reference runs': also the KL's
+
 TOP_P = 0.9999
 MAX_TOKENS = 100
-TEMPERATURE = 0.6
 MISSING_LOGIT = -1e9  # a token outside one side's top-p set
 LOG_EPS = 1e-9
 

@@ -13,9 +13,9 @@ import networkx as nx
 import numpy as np
 import pytest
 
+from backend.errors import JobCancelled
 from backend.methods import rollout as rollout_module
 from backend.methods.rollout import (
-    FlowCancelled,
     attention_flow,
     attention_rollout,
     exclude_first_token,
@@ -337,7 +337,7 @@ def test_gradient_shape_mismatch_is_refused():
 
 
 def test_should_stop_cancels_flow():
-    with pytest.raises(FlowCancelled):
+    with pytest.raises(JobCancelled):
         attention_flow(random_attention(4, 2, 8, seed=0), should_stop=lambda: True)
 
 
@@ -349,7 +349,7 @@ def test_should_stop_cancels_a_running_flow(monkeypatch):
         calls.append(1)
         return len(calls) >= 3
 
-    with pytest.raises(FlowCancelled):
+    with pytest.raises(JobCancelled):
         attn = random_attention(6, 2, 12, seed=0, causal=True)
         attention_flow(attn, should_stop=stop_on_third_poll)
     assert len(calls) == 3

@@ -10,7 +10,8 @@ import pytest
 
 from backend.config import Settings
 from backend.errors import ModelLoadError
-from backend.models import PACKAGED, resolve_source
+from backend.models import PACKAGED, resolve_source, source_fingerprint
+from backend.models.sources import ASSEMBLED, assemble_packaged
 from backend.models.fingerprint import file_sha256, weights_fingerprint
 
 
@@ -32,6 +33,7 @@ def test_packaged_aliases_resolve_to_files_on_disk(alias, settings):
     source = resolve_source(alias, settings)
     assert source.kind == "packaged" and source.ref == alias
     assert source.label == PACKAGED[alias].label
+    assemble_packaged(source)  # what loading does first (a no-op but for Gemma's parts)
     if source.gguf_file:
         gguf = source.path / source.gguf_file
         assert gguf.is_file()
@@ -40,6 +42,17 @@ def test_packaged_aliases_resolve_to_files_on_disk(alias, settings):
     else:
         assert (source.path / "config.json").is_file()
         assert any(source.path.glob("*.safetensors"))
+
+
+def test_resolving_a_packaged_model_in_parts_writes_nothing_and_knows_its_fingerprint(
+        settings, tmp_path):
+    fresh = replace(settings, converted_dir=tmp_path)
+    source = resolve_source(ASSEMBLED, fresh)
+    fingerprint = source_fingerprint(source)
+    assert list(tmp_path.iterdir()) == []  # no file assembled while resolving (a UI thread)
+    assembled = resolve_source(ASSEMBLED, settings)
+    assemble_packaged(assembled)
+    assert fingerprint == weights_fingerprint(assembled.path, only=assembled.gguf_file)
 
 
 @pytest.mark.parametrize("ref", ["HuggingFaceTB/SmolLM2-135M-Instruct", "google/gemma-3-270m",

@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
+from backend.errors import JobCancelled
 from backend.methods.thought_anchors.passes import (
-    SuppressionCancelled, receiver_pass, suppression_attention_masks, suppression_log_kl,
+    receiver_pass, suppression_attention_masks, suppression_log_kl,
     suppression_scores,
 )
 from backend.methods.thought_anchors.segmentation import token_spans_for_text
@@ -141,5 +142,5 @@ def test_sliding_window_masks_reproduce_the_models_own_masks(tiny_gemma):
     np.testing.assert_allclose(log_kl[1, :6], LOG_ZERO, atol=1e-3)
     assert log_kl[0, 3:].max() > LOG_ZERO + 1
     assert reports and reports[-1] == 1.0
-    with pytest.raises(SuppressionCancelled):
+    with pytest.raises(JobCancelled):
         suppression_log_kl(tiny_gemma, ids, [(3, 6)], should_stop=lambda: True)

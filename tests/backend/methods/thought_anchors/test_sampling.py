@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backend.errors import JobCancelled
 from backend.methods.thought_anchors.resampling import rollout_prompt
 from backend.methods.thought_anchors.sampling import (
-    SamplingCancelled, resampling_prompt, sample_continuations, sample_next, sample_one_by_one, sample_token_ids,
+    resampling_prompt, sample_continuations, sample_next, sample_one_by_one, sample_token_ids,
     stop_token_ids,
 )
 
@@ -153,7 +154,7 @@ def test_progress_and_cancellation(smollm2, prompt):
     # after each decoding step: rows 0-1 finish at step 2, the refilled row at step 4
     assert [f for f, _ in reports] == pytest.approx([0, 2 / 3, 2 / 3, 1.0])
     assert reports[-1][1].startswith("Rollouts 3/3 · ") and "rollouts/s" in reports[-1][1]
-    with pytest.raises(SamplingCancelled):
+    with pytest.raises(JobCancelled):
         sample_token_ids(smollm2.model, prompt, 2, max_new_tokens=3, should_stop=lambda: True)
 
 
