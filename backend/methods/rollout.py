@@ -72,7 +72,7 @@ def fuse_heads(weights, head_fusion: str, axis: int):
     """One map from a layer's heads along `axis`: their mean, max or min (HEAD_FUSIONS), of a
     numpy array or a torch tensor."""
     if head_fusion not in HEAD_FUSIONS:
-        raise InputError(f"Head fusion must be one of {', '.join(HEAD_FUSIONS)}; "
+        raise InputError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}; "
                          f"got {head_fusion!r}.")
     if head_fusion == "mean":
         return weights.mean(axis)

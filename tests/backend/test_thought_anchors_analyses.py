@@ -9,7 +9,7 @@ import pytest
 
 from backend.analyses import AnalysisRequest
 from backend.analyses.thought_anchors import PUBLISHED_FILES
-from backend.errors import InputError
+from backend.errors import InputError, JobCancelled
 from backend.methods.thought_anchors.graph import incoming, top_links
 from backend.methods.thought_anchors.tags import heuristic_tag
 from tests.conftest import SHARED_FIXTURES
@@ -102,6 +102,26 @@ def test_resampling_resumes_where_it_stopped(service):
                for i in range(5) for f in (False, True))
     metrics = service.array(aid, "different_trajectories_fraction")
     assert metrics.shape == (5,) and ((0 <= metrics) & (metrics <= 1)).all()
+
+
+def test_cancelling_resampling_while_rollouts_run_ends_cancelled_not_failed(service):
+    request = AnalysisRequest.make("ta_resampling", "smollm2", SOLUTION, problem=PROBLEM,
+                                   answer="9", rollouts=3, max_new_tokens=64, seed=7)
+    ticket = service.submit(request)
+    assert ticket.job_id, "an earlier test cached this request"
+
+    def cancel_once_rolling(status):
+        if status.id == ticket.job_id and "rollouts" in status.stage.lower():
+            service.cancel(ticket.job_id)
+
+    stop = service.worker.listen(cancel_once_rolling)
+    try:
+        with pytest.raises(JobCancelled):
+            service.job_result(ticket.job_id, timeout=600)
+    finally:
+        stop()
+    assert service.job_status(ticket.job_id).state == "cancelled"
+    assert service.cached(request) is None  # nothing stored
 
 
 def test_heuristic_tags_and_links():
