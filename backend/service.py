@@ -322,12 +322,9 @@ class AtlasService(Comparisons):
         target = self._token(maps, target)
         if head_fusion not in HEAD_FUSIONS:
             raise InputError(f"Head fusion must be one of {', '.join(HEAD_FUSIONS)}.")
-        whole = slice(0, maps.n_tokens)
 
         def fused_rows(layer: int, queries: slice) -> torch.Tensor:
-            weights = maps.weights(layer, queries, whole)
-            return weights.mean(0) if head_fusion == "mean" else getattr(weights, head_fusion)(
-                0).values
+            return maps.fused_rows(layer, queries, head_fusion)
 
         rows = self.memory.get((aid, "target_rollout", target, head_fusion), lambda: (
             target_rollout_rows(fused_rows, maps.n_layers, maps.n_tokens, target,

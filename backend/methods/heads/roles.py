@@ -25,7 +25,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from scipy.special import entr
-from scipy.stats import kurtosis
 from torch import nn
 
 from backend.errors import InputError
@@ -101,7 +100,10 @@ def kurtosis_of_vertical(vertical, proximity_ignore: int = 4,
     scored = vertical[..., int(skip_first):vertical.shape[-1] - proximity_ignore]
     if scored.shape[-1] < 2:
         raise InputError(f"Receiver kurtosis needs more than {proximity_ignore + 2} tokens.")
-    return kurtosis(scored, axis=-1, fisher=True, bias=True)
+    # scipy.stats.kurtosis(fisher=True, bias=True), in array methods that a torch tensor on a
+    # GPU has too (scipy took ~60 ms per layer at 16k tokens).
+    centred = scored - scored.mean(axis=-1)[..., None]
+    return (centred ** 4).mean(axis=-1) / (centred ** 2).mean(axis=-1) ** 2 - 3.0
 
 
 def induction_scores_from_attention(attention, period: int, start: int = 0) -> np.ndarray:
