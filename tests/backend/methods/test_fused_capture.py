@@ -115,10 +115,9 @@ def test_bf16_kernels_round_logits_as_eager_does():
     ids = torch.randint(3, 97, (1, 1000), device="cuda")
     fused = capture_layers(model, ids, _reducers, kernels=True)
     plain = capture_layers(model, ids, _reducers, kernels=False)
-    for a, b in zip(fused, plain):
-        print("bf16 lse", np.abs(a.lse - b.lse).max(),
-              "overview", np.abs(a.reductions[0] - b.reductions[0]).max(),
-              {r: float(np.nanmax(np.abs(a.reductions[1][r] - b.reductions[1][r])))
-               for r in a.reductions[1]})
-        np.testing.assert_allclose(a.lse, b.lse, atol=1e-2)
-        np.testing.assert_allclose(a.reductions[0], b.reductions[0], atol=1e-3)
+    for a, b in zip(fused, plain):  # seen on an H200: lse within 5e-7, overviews 4e-9
+        np.testing.assert_allclose(a.lse, b.lse, atol=1e-5)
+        np.testing.assert_allclose(a.reductions[0], b.reductions[0], atol=1e-6)
+        for role in a.reductions[1]:
+            np.testing.assert_allclose(a.reductions[1][role], b.reductions[1][role], rtol=1e-4,
+                                       atol=1e-5, err_msg=role)
