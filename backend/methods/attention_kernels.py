@@ -24,9 +24,21 @@ from backend.methods.reductions import BlockMeans, HeadStatistics
 # (rows, keys, warps, stages) per program of each pass, tuned on an H200 (bf16, head_dim 128).
 LSE_BLOCKS = (128, 128, 8, 2)
 REDUCE_BLOCKS = (128, 64, 4, 2)
+# Kernels decorated under TRITON_INTERPRET=1 run in Triton's interpreter (the CPU tests).
+INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
 MASKED = tl.constexpr(-1e30)  # pass 2's masked logit: p = 0 and p (lse - s) = 0, not NaN
 # Per-row terms of pass 2, in this order (HeadStatistics.add_terms takes them by name).
 TERMS = ("entropy", "first", "previous", "self", "near_mass", "near_dist", "row_mass")
+
+
+@triton.jit
+def _bound(x):
+    """A runtime loop bound: itself when compiled; a Python int in the interpreter, whose
+    range() cannot index its one-element scalars under numpy >= 2.4 (Triton issue 9171)."""
+    if INTERPRETED:  # returned, not assigned: the interpreter makes every assignment a tensor
+        return x.handle.data.item()
+    else:
+        return x
 
 
 @triton.jit
@@ -97,7 +109,7 @@ def _lse_kernel(Q, K, T, group, scaling, window,
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     start, last = _key_range(q_lo, q_lo + BLOCK_M, T, window, CAUSAL, WINDOW, BLOCK_N)
-    for k_lo in range(start, last, BLOCK_N):
+    for k_lo in range(_bound(start), _bound(last), BLOCK_N):
         cols = k_lo + tl.arange(0, BLOCK_N)
         s = _logits(q, K, k_base, cols, d, T, stride_kt, stride_kd, scaling, D, PRECISION)
         if _partial(q_lo, k_lo, T, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N):
@@ -140,7 +152,7 @@ def _reduce_kernel(Q, K, T, group, scaling, window,
     near_mass = tl.zeros([BLOCK_M], tl.float32)
     near_dist = tl.zeros([BLOCK_M], tl.float32)
     start, last = _key_range(q_lo, q_hi, T, window, CAUSAL, WINDOW, BLOCK_N)
-    for k_lo in range(start, last, BLOCK_N):
+    for k_lo in range(_bound(start), _bound(last), BLOCK_N):
         cols = k_lo + tl.arange(0, BLOCK_N)
         s = _logits(q, K, k_base, cols, d, T, stride_kt, stride_kd, scaling, D, PRECISION)
         distance = rows[:, None] - cols[None, :]
@@ -156,7 +168,7 @@ def _reduce_kernel(Q, K, T, group, scaling, window,
                 tl.store(out, tl.load(out, mask=rows < T, other=0.0) + row, mask=rows < T)
             else:
                 span = tl.load(SPAN + cols, mask=cols < T, other=-1)
-                for b in range(tl.load(SPAN_LO + block), tl.load(SPAN_HI + block) + 1):
+                for b in range(_bound(tl.load(SPAN_LO + block)), _bound(tl.load(SPAN_HI + block)) + 1):
                     out = ROW_SUMS + (head * n_spans + b) * chunk + local
                     part = tl.sum(tl.where(span[None, :] == b, p, 0.0), 1)
                     tl.store(out, tl.load(out, mask=rows < T, other=0.0) + part, mask=rows < T)
@@ -190,10 +202,11 @@ def _reduce_kernel(Q, K, T, group, scaling, window,
 
 
 def supported(rule: AttentionRule, reducers: list, query: torch.Tensor) -> bool:
-    """Whether the kernels reproduce this layer: a rule without soft-capping or sink logits, and
-    at most one BlockMeans (sorted, disjoint key spans) and one HeadStatistics."""
+    """Whether the kernels reproduce this layer: CUDA tensors (any tensors in the interpreter),
+    a rule without soft-capping or sink logits, and at most one BlockMeans (sorted, disjoint key
+    spans) and one HeadStatistics."""
     kinds = [type(r) for r in reducers]
-    return (query.is_cuda and rule.softcap is None and rule.sinks is None
+    return ((query.is_cuda or INTERPRETED) and rule.softcap is None and rule.sinks is None
             and set(kinds) <= {BlockMeans, HeadStatistics} and len(set(kinds)) == len(kinds)
             and all(r.sorted_key_spans() for r in reducers if isinstance(r, BlockMeans)))
 

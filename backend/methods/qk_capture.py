@@ -32,7 +32,7 @@ from backend.methods import exact
 from backend.methods.exact import AttentionRule
 from backend.methods.hooks import attention_function
 
-try:  # the fused kernels need Triton, which CUDA builds of torch ship and CPU builds do not
+try:  # the fused kernels need Triton, which has no build off Linux
     from backend.methods import attention_kernels
 except ImportError:
     attention_kernels = None
@@ -122,15 +122,16 @@ def chunk_rows(n_heads: int, n_keys: int, device: torch.device,
 
 
 class LayerRecorder:
-    """kernels: use the fused kernels where they cover a layer (None: wherever Triton and a
-    CUDA device are there; False: never)."""
+    """kernels: use the fused kernels where they cover a layer (None: on a CUDA device when
+    Triton is there; True: on any device `attention_kernels.supported` accepts, i.e. also on the
+    CPU under Triton's interpreter, as the tests do; False: never)."""
 
     def __init__(self, n_layers: int, reducers: Reducers | None, keep_qk: bool,
                  sixteen_bits: bool, chunk_bytes: int | None, progress: Progress | None,
                  kernels: bool | None = None):
         self.n_layers, self.reducers, self.keep_qk = n_layers, reducers, keep_qk
         self.sixteen_bits = sixteen_bits
-        self.kernels = attention_kernels is not None and kernels is not False
+        self.kernels = attention_kernels is not None and kernels
         self.chunk_bytes, self.progress = chunk_bytes, progress
         self.layers: list[LayerCapture] = []
         self._index: dict[int, int] = {}
@@ -183,7 +184,10 @@ class LayerRecorder:
                        if s_aux is not None else None)
         q, k, v = query[0], key[0], value[0]
         reducers = self.reducers(layer, n_heads, n_tokens, q.device) if self.reducers else []
-        if self.kernels and attention_kernels.supported(rule, reducers, q):
+        # automatic: compiled kernels on a GPU only, never the (slow) interpreter
+        fused = self.kernels if self.kernels is not None else (
+            q.is_cuda and not attention_kernels.INTERPRETED)
+        if fused and attention_kernels.supported(rule, reducers, q):
             lse, top = attention_kernels.row_lse(q, k, rule)
             if reducers:
                 attention_kernels.reduce_layer(q, k, lse, top, rule, reducers)
