@@ -34,8 +34,9 @@ TERMS = ("entropy", "first", "previous", "self", "near_mass", "near_dist", "row_
 @triton.jit
 def _bound(x):
     """A runtime loop bound: itself when compiled; a Python int in the interpreter, whose
-    range() cannot index its one-element scalars under numpy >= 2.4 (Triton issue 9171)."""
-    if INTERPRETED:  # returned, not assigned: the interpreter makes every assignment a tensor
+    range() cannot index its one-element scalars under numpy >= 2.4 (Triton issue 9171). Call it
+    inside range(): the interpreter turns every assigned value back into a tensor."""
+    if INTERPRETED:
         return x.handle.data.item()
     else:
         return x
@@ -168,7 +169,8 @@ def _reduce_kernel(Q, K, T, group, scaling, window,
                 tl.store(out, tl.load(out, mask=rows < T, other=0.0) + row, mask=rows < T)
             else:
                 span = tl.load(SPAN + cols, mask=cols < T, other=-1)
-                for b in range(_bound(tl.load(SPAN_LO + block)), _bound(tl.load(SPAN_HI + block)) + 1):
+                for b in range(_bound(tl.load(SPAN_LO + block)),
+                               _bound(tl.load(SPAN_HI + block)) + 1):
                     out = ROW_SUMS + (head * n_spans + b) * chunk + local
                     part = tl.sum(tl.where(span[None, :] == b, p, 0.0), 1)
                     tl.store(out, tl.load(out, mask=rows < T, other=0.0) + part, mask=rows < T)

@@ -3,9 +3,9 @@
 Our attention function (`hooks.attention_function`) computes each layer's output with SDPA (or,
 where SDPA cannot follow eager attention: soft-capping, sink logits, from the exact weights of
 each chunk) and keeps what views need: query and key after position encoding in the model's dtype
-(16 bits on a GPU; key heads not repeated), each row's log-sum-exp, the layer's rule (`exact.AttentionRule`) and the
-results of reducers fed with exact weights a chunk of queries at a time. Any exact weight is
-recomputed later from these by `exact.weights`.
+(16 bits on a GPU; key heads not repeated), each row's log-sum-exp, the layer's rule
+(`exact.AttentionRule`) and the results of reducers fed with exact weights a chunk of queries at
+a time. Any exact weight is recomputed later from these by `exact.weights`.
 
 On a CUDA GPU with Triton, the log-sum-exps and the reductions of layers the kernels cover
 (`attention_kernels.supported`) come from two fused passes over key blocks instead of the
