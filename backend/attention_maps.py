@@ -19,9 +19,11 @@ from backend.methods import exact
 from backend.methods.binning import bin_edges, bin_matrix
 from backend.methods.exact import AttentionRule
 from backend.methods.reductions import ROLE_NAMES, BlockMeans, HeadStatistics
+from backend.methods.rollout import fuse_heads
 from backend.store import AnalysisRecord, Store
 
-CHUNK_BYTES = 1 << 27  # float32 weights recomputed at a time
+CHUNK_BYTES = 1 << 27  # float32 weights recomputed at a time (on a GPU: GPU_CHUNK_BYTES)
+GPU_CHUNK_BYTES = 1 << 30
 
 
 class _Maps:
@@ -42,7 +44,20 @@ class _Maps:
                                 f"{self.n_layers}.")
 
     def chunk(self, n_keys: int) -> int:
-        return max(1, CHUNK_BYTES // (4 * self.n_heads * max(n_keys, 1)))
+        budget = GPU_CHUNK_BYTES if self.device.type == "cuda" else CHUNK_BYTES
+        return max(1, budget // (4 * self.n_heads * max(n_keys, 1)))
+
+    def key_range(self, layer: int, queries: slice) -> tuple[int, int]:
+        """The keys that queries can see at all (every other key has weight 0)."""
+        return 0, self.n_tokens
+
+    def fused_rows(self, layer: int, queries: slice, fusion: str = "mean") -> torch.Tensor:
+        """(query, key) weights over the whole input fused over heads ("mean", "max", "min");
+        keys no query of the chunk can see (causal, windows) are 0 without being computed."""
+        k0, k1 = self.key_range(layer, queries)
+        weights = self.weights(layer, queries, slice(k0, k1))
+        fused = fuse_heads(weights, fusion, 0)
+        return torch.nn.functional.pad(fused, (k0, self.n_tokens - k1))
 
     def pooled(self, layer: int, heads, query_spans, key_spans, queries: slice,
                keys: slice) -> np.ndarray:
@@ -82,6 +97,9 @@ class QKMaps(_Maps):
 
     def rule(self, layer: int) -> AttentionRule:
         return AttentionRule.from_json(self.record.meta["rules"][layer])
+
+    def key_range(self, layer: int, queries: slice) -> tuple[int, int]:
+        return self.rule(layer).key_range(queries.start, queries.stop, self.n_tokens)
 
     @property
     def score_dtype(self) -> torch.dtype:

@@ -319,10 +319,9 @@ class AtlasService(Comparisons):
         vector-matrix products from the top, O(layers x T^2) (see methods.rollout)."""
         maps = self.maps(aid)
         target = self._token(maps, target)
-        whole = slice(0, maps.n_tokens)
 
         def fused_rows(layer: int, queries: slice) -> torch.Tensor:
-            return fuse_heads(maps.weights(layer, queries, whole), head_fusion, 0)
+            return maps.fused_rows(layer, queries, head_fusion)
 
         rows = self.memory.get((aid, "target_rollout", target, head_fusion), lambda: (
             target_rollout_rows(fused_rows, maps.n_layers, maps.n_tokens, target,

@@ -1,6 +1,6 @@
 """Long-context capture benchmark: capture vs a plain SDPA forward pass, in one process.
 
-Per length: capture time / plain forward time (the same base model, SDPA attention), peak memory
+Per length, after a warm-up of each: capture time / plain forward time (the same base model, SDPA attention), peak memory
 above the weights (GPU: allocator peak; CPU: not measured) of both, bytes the analysis stores vs
 full maps (layers x heads x T^2 x 2), and the capture with query and key only (no reductions),
 which is what the reductions cost. Then view latency on the captured data through the service's
@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+")
     parser.add_argument("--views-at", type=int, help="length for view latency (default: "
                                                      "16384 on cuda, 4096 on cpu)")
+    parser.add_argument("--profile", type=int, nargs="*", default=[],
+                        help="lengths at which to print where a capture's time goes")
     args = parser.parse_args()
     device = torch.device(args.device)
     lengths = args.lengths or ([1024, 4096, 16384, 32768] if device.type == "cuda"
@@ -104,7 +106,7 @@ def main() -> None:
           f"{n_layers} layers x {n_heads} heads ({config.num_key_value_heads} KV), "
           f"dtype {next(model.parameters()).dtype}, torch {torch.__version__}", flush=True)
     print("tokens | forward s | capture s (x fwd) | Q/K only s (x fwd) | peak GiB above weights "
-          "fwd / capture | stored MB / full maps MB (ratio)", flush=True)
+          "fwd / capture | stored MB / full maps MB (ratio) | first capture s", flush=True)
     generator = torch.Generator().manual_seed(0)
     kept = None
     for n in sorted(set(lengths) | {views_at}):
@@ -114,10 +116,13 @@ def main() -> None:
             model.set_attn_implementation("sdpa")
             with torch.inference_mode():
                 return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-        forward()  # warm-up at this length
+        # Warm-ups at this length; the capture's also fills torch's pool of pinned host memory,
+        # which later captures of this length reuse (a first one allocates it: ~0.4 s per GB).
+        forward()
+        t_first = _timed(lambda: capture_layers(model, ids, layer_reducers), device)[0]
         t_fwd, _ = _timed(forward, device, repeat=2)
         m_fwd, _ = _peak(forward, device, weights)
-        t_qk, _ = _timed(lambda: capture_layers(model, ids, None), device)
+        t_qk = _timed(lambda: capture_layers(model, ids, None), device)[0]
         m_cap, (t_cap, layers) = _peak(lambda: _timed(
             lambda: capture_layers(model, ids, layer_reducers), device), device, weights)
         arrays = _qk_arrays(layers)
@@ -126,12 +131,28 @@ def main() -> None:
         if n in lengths:
             print(f"{n:6d} | {t_fwd:9.3f} | {t_cap:8.3f} ({t_cap / t_fwd:5.2f}x) | "
                   f"{t_qk:7.3f} ({t_qk / t_fwd:5.2f}x) | {m_fwd:6.2f} / {m_cap:6.2f} | "
-                  f"{stored / 1e6:9.1f} / {maps / 1e6:10.1f} ({maps / stored:6.1f}x smaller)",
-                  flush=True)
+                  f"{stored / 1e6:9.1f} / {maps / 1e6:10.1f} ({maps / stored:6.1f}x smaller) | "
+                  f"{t_first:7.3f}", flush=True)
         if n == views_at:
             kept = (n, layers, arrays)
         del layers, arrays
     views(model, device, *kept)
+    for n in args.profile:
+        profile(model, device, n, config.vocab_size)
+
+
+def profile(model, device, n, vocab_size) -> None:
+    """The operations taking most of one capture's time (torch.profiler, after a warm-up)."""
+    from torch.profiler import ProfilerActivity
+    ids = torch.randint(100, vocab_size - 100, (1, n)).to(device)
+    capture_layers(model, ids, layer_reducers)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        seconds, _ = _timed(lambda: capture_layers(model, ids, layer_reducers), device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of one capture at {n} tokens ({seconds:.3f} s with the profiler):")
+    print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
 
 
 def views(model, device, n, layers, arrays) -> None:
@@ -161,8 +182,7 @@ def views(model, device, n, layers, arrays) -> None:
         "one token's row, one head": lambda: maps.weights(3, slice(n - 1, n), whole,
                                                           [5]).cpu(),
         "target-token rollout (last token, all layers)": lambda: target_rollout_rows(
-            lambda layer, q: maps.weights(layer, q, whole).mean(0), maps.n_layers, n, n - 1,
-            maps.chunk(n), True),
+            maps.fused_rows, maps.n_layers, n, n - 1, maps.chunk(n), True),
     }
     print(f"view latency at {n} tokens on {device} (best of 3, data on the device):")
     for name, fn in cases.items():

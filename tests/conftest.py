@@ -12,11 +12,16 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU the fused capture kernels run in Triton's interpreter; Triton reads this when its
+# kernels are defined, so before any test imports them. Only forced captures use them there.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("ATLAS_CONVERTED_DIR", str(REPO_ROOT / "cache" / "models"))
 # Set before anything builds Settings (AppTest runs app.py in this process).
 _SESSION_CACHE = Path(tempfile.mkdtemp(prefix="atlas-test-cache-"))

@@ -3,9 +3,13 @@
 Our attention function (`hooks.attention_function`) computes each layer's output with SDPA (or,
 where SDPA cannot follow eager attention: soft-capping, sink logits, from the exact weights of
 each chunk) and keeps what views need: query and key after position encoding in the model's dtype
-(16 bits on a GPU; key heads not repeated), each row's log-sum-exp, the layer's rule (`exact.AttentionRule`) and the
-results of reducers fed with exact weights a chunk of queries at a time. Any exact weight is
-recomputed later from these by `exact.weights`.
+(16 bits on a GPU; key heads not repeated), each row's log-sum-exp, the layer's rule
+(`exact.AttentionRule`) and the results of reducers fed with exact weights a chunk of queries at
+a time. Any exact weight is recomputed later from these by `exact.weights`.
+
+On a CUDA GPU with Triton, the log-sum-exps and the reductions of layers the kernels cover
+(`attention_kernels.supported`) come from two fused passes over key blocks instead of the
+chunk loop; the results are the same weights' (tests/backend/methods/test_fused_capture.py).
 
 A layer whose mask is not one the rule describes (a position bias added to the scores, another
 window shape) or a model whose attention does not go through transformers' attention interface
@@ -29,6 +33,10 @@ from backend.methods.exact import AttentionRule
 from backend.methods.hooks import attention_function
 from backend.progress import Progress
 
+try:  # the fused kernels need Triton, which has no build off Linux
+    from backend.methods import attention_kernels
+except ImportError:
+    attention_kernels = None
 # reducers(layer, n_heads, n_tokens, device) -> objects with update(q0, k0, p) and result()
 Reducers = Callable[[int, int, int, torch.device], list]
 GPU_CHUNK_BYTES = 1 << 30  # float32 weights of one chunk of queries, all heads
@@ -43,10 +51,12 @@ class UnsupportedAttention(ModelLoadError):
 @dataclass
 class LayerCapture:
     """query (head, T, head_dim) and key (key_head, T, head_dim): CPU tensors (None
-    unless kept); lse (head, T) float32; reductions: each reducer's result()."""
+    unless kept); lse (head, T) float32; reductions: each reducer's result(). Until the
+    recorder's finish(), lse is a device tensor and reductions the reducers (no sync per
+    layer)."""
 
     rule: AttentionRule
-    lse: np.ndarray
+    lse: np.ndarray | torch.Tensor
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
     reductions: list[Any] = field(default_factory=list)
@@ -111,10 +121,16 @@ def chunk_rows(n_heads: int, n_keys: int, device: torch.device,
 
 
 class LayerRecorder:
+    """kernels: use the fused kernels where they cover a layer (None: on a CUDA device when
+    Triton is there; True: on any device `attention_kernels.supported` accepts, i.e. also on the
+    CPU under Triton's interpreter, as the tests do; False: never)."""
+
     def __init__(self, n_layers: int, reducers: Reducers | None, keep_qk: bool,
-                 sixteen_bits: bool, chunk_bytes: int | None, progress: Progress | None):
+                 sixteen_bits: bool, chunk_bytes: int | None, progress: Progress | None,
+                 kernels: bool | None = None):
         self.n_layers, self.reducers, self.keep_qk = n_layers, reducers, keep_qk
         self.sixteen_bits = sixteen_bits
+        self.kernels = attention_kernels is not None and kernels
         self.chunk_bytes, self.progress = chunk_bytes, progress
         self.layers: list[LayerCapture] = []
         self._index: dict[int, int] = {}
@@ -138,6 +154,12 @@ class LayerRecorder:
     def finish(self) -> None:
         if self._copies is not None:
             self._copies.synchronize()
+        pending = [layer for layer in self.layers if isinstance(layer.lse, torch.Tensor)]
+        if pending:  # one copy back for every layer's lse
+            lse = torch.stack([layer.lse for layer in pending]).cpu().numpy()
+        for i, layer in enumerate(pending):
+            layer.lse = lse[i]
+            layer.reductions = [r.result() for r in layer.reductions]
 
     def _rule(self, mask, causal, window, scaling, n_tokens) -> AttentionRule:
         key = (None if mask is None else (mask.data_ptr(), tuple(mask.shape)), causal, window,
@@ -160,8 +182,37 @@ class LayerRecorder:
                        sinks=tuple(float(x) for x in s_aux.float().tolist())
                        if s_aux is not None else None)
         q, k, v = query[0], key[0], value[0]
-        own_output = rule.softcap is not None or rule.sinks is not None
         reducers = self.reducers(layer, n_heads, n_tokens, q.device) if self.reducers else []
+        # automatic: compiled kernels on a GPU only, never the (slow) interpreter
+        fused = self.kernels if self.kernels is not None else (
+            q.is_cuda and not attention_kernels.INTERPRETED)
+        if fused and attention_kernels.supported(rule, reducers, q):
+            lse, top = attention_kernels.row_lse(q, k, rule)
+            if reducers:
+                attention_kernels.reduce_layer(q, k, lse, top, rule, reducers)
+            output = None
+        else:
+            lse, output = self._chunks(q, k, v, rule, reducers)
+        if output is None:
+            extra = {k: v for k, v in kwargs.items() if k not in ("sliding_window",)}
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                            dropout=0.0, scaling=scaling, is_causal=is_causal,
+                                            **extra)
+        else:
+            out = output.transpose(0, 1)[None]
+        self.layers.append(LayerCapture(
+            rule, lse, self._host(q) if self.keep_qk else None,
+            self._host(k) if self.keep_qk else None, reducers))
+        if self.progress:
+            self.progress(len(self.layers) / self.n_layers,
+                          f"Layer {len(self.layers)}/{self.n_layers}")
+        return out, None
+
+    def _chunks(self, q, k, v, rule: AttentionRule, reducers: list):
+        """lse (head, T) and, under soft-capping or sinks, the output (head, T, value_dim), from
+        exact weights a chunk of queries at a time, fed to the reducers."""
+        n_heads, n_tokens = q.shape[0], q.shape[1]
+        own_output = rule.softcap is not None or rule.sinks is not None
         lse = torch.empty(n_heads, n_tokens, dtype=torch.float32, device=q.device)
         output = torch.empty(n_heads, n_tokens, v.shape[-1], dtype=v.dtype,
                              device=q.device) if own_output else None
@@ -182,37 +233,25 @@ class LayerRecorder:
             for reducer in reducers:
                 reducer.update(q0, k0, p)
             del scores, p
-        if output is None:
-            extra = {k: v for k, v in kwargs.items() if k not in ("sliding_window",)}
-            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                            dropout=0.0, scaling=scaling, is_causal=is_causal,
-                                            **extra)
-        else:
-            out = output.transpose(0, 1)[None]
-        self.layers.append(LayerCapture(
-            rule, lse.cpu().numpy(),
-            self._host(q) if self.keep_qk else None, self._host(k) if self.keep_qk else None,
-            [r.result() for r in reducers]))
-        if self.progress:
-            self.progress(len(self.layers) / self.n_layers,
-                          f"Layer {len(self.layers)}/{self.n_layers}")
-        return out, None
+        return lse, output
 
 
 @torch.inference_mode()
 def capture_layers(model: nn.Module, input_ids: torch.Tensor, reducers: Reducers | None = None,
                    keep_qk: bool = True, sixteen_bits: bool = False,
-                   chunk_bytes: int | None = None,
-                   progress: Progress | None = None) -> list[LayerCapture]:
+                   chunk_bytes: int | None = None, progress: Progress | None = None,
+                   kernels: bool | None = None) -> list[LayerCapture]:
     """One forward pass of the base model over input_ids (1, T) -> one LayerCapture per layer.
 
     sixteen_bits: keep a float32 model's query and key in 16 bits (`storage_dtype`).
+    kernels: see LayerRecorder.
 
     Raises UnsupportedAttention (see the module docstring).
     """
     config = model.config.get_text_config()
     n_layers = config.num_hidden_layers
-    recorder = LayerRecorder(n_layers, reducers, keep_qk, sixteen_bits, chunk_bytes, progress)
+    recorder = LayerRecorder(n_layers, reducers, keep_qk, sixteen_bits, chunk_bytes, progress,
+                             kernels)
     with attention_function(model, recorder):
         model.base_model(input_ids=input_ids.to(model.device), use_cache=False)
     recorder.finish()

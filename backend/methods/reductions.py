@@ -11,6 +11,7 @@ A reducer sees exact weights p (head, query, key) float32 of queries [q0, q0 + C
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -31,16 +32,38 @@ def _span_index(spans: np.ndarray, n_tokens: int) -> np.ndarray:
     return index
 
 
+@lru_cache(maxsize=16)
+def _on_device(spans: bytes, n_tokens: int | None, outside: int,
+               device: torch.device) -> torch.Tensor:
+    """The spans (span, 2) on the device, or with n_tokens their `_span_index` (`outside` for
+    tokens outside every span). Cached: every layer has the same, and each host-to-device copy
+    is a sync."""
+    array = np.frombuffer(spans, dtype=np.int64).reshape(-1, 2).copy()
+    if n_tokens is not None:
+        index = _span_index(array, n_tokens)
+        array = np.where(index < 0, outside, index)
+    return torch.as_tensor(array, device=device)
+
+
+def _device_spans(spans: np.ndarray, device, n_tokens: int | None = None,
+                  outside: int = -1) -> torch.Tensor:
+    return _on_device(spans.tobytes(), n_tokens, outside, torch.device(device))
+
+
 class BlockMeans:
     """(head, query span, key span) mean attention: block sum / (rows x columns); NaN for empty
-    spans. Key blocks come from a running sum over keys, so the cost is one pass over p."""
+    spans. Key blocks come from a running sum over keys, so the cost is one pass over p.
+    Rows outside every query span are summed into one extra row, dropped at the end (no
+    data-dependent indexing, so no device sync)."""
 
     def __init__(self, query_spans: Sequence[tuple[int, int]],
                  key_spans: Sequence[tuple[int, int]], n_heads: int, n_tokens: int, device):
         self.q_spans = np.asarray(query_spans, dtype=np.int64).reshape(-1, 2).clip(0, n_tokens)
         self.k_spans = np.asarray(key_spans, dtype=np.int64).reshape(-1, 2).clip(0, n_tokens)
-        self.q_index = torch.as_tensor(_span_index(self.q_spans, n_tokens), device=device)
-        self.sums = torch.zeros(n_heads, len(self.q_spans), len(self.k_spans),
+        self.q_index = _device_spans(self.q_spans, device, n_tokens, len(self.q_spans))
+        self.k_ends = _device_spans(self.k_spans, device)
+        self.n_tokens, self.device = n_tokens, device
+        self.sums = torch.zeros(n_heads, len(self.q_spans) + 1, len(self.k_spans),
                                 dtype=torch.float64, device=device)
 
     @classmethod
@@ -51,14 +74,25 @@ class BlockMeans:
         return cls(spans, spans, n_heads, n_tokens, device)
 
     def update(self, q0: int, k0: int, p: torch.Tensor) -> None:
-        rows = self.q_index[q0:q0 + p.shape[1]]
-        inside = rows >= 0
-        self.sums.index_add_(1, rows[inside], self._key_sums(k0, p)[:, inside].double())
+        self.add_key_sums(q0, self._key_sums(k0, p))
+
+    def add_key_sums(self, q0: int, sums: torch.Tensor) -> None:
+        """sums (head, query, key span): rows q0.. of p summed over each key span."""
+        self.sums.index_add_(1, self.q_index[q0:q0 + sums.shape[1]], sums.double())
+
+    def sorted_key_spans(self) -> bool:
+        """Whether key spans are in order and disjoint (then `key_span_index` says all)."""
+        spans = self.k_spans
+        return bool((spans[1:, 0] >= spans[:-1, 1]).all())
+
+    def key_span_index(self) -> torch.Tensor:
+        """(key,) int64 on the device: the key span each key lies in, -1 outside every span."""
+        return _device_spans(self.k_spans, self.device, self.n_tokens)
 
     def _key_sums(self, k0: int, p: torch.Tensor) -> torch.Tensor:
         """(head, query, key span) sums of p over each key span."""
         n_keys = p.shape[-1]
-        ends = torch.as_tensor(self.k_spans - k0, device=p.device).clamp(0, n_keys)
+        ends = (self.k_ends - k0).clamp(0, n_keys)
         if len(self.k_spans) <= MATMUL_SPANS:  # p @ (key, span) membership: no cancellation
             keys = torch.arange(n_keys, device=p.device)[:, None]
             member = ((keys >= ends[None, :, 0]) & (keys < ends[None, :, 1])).to(p.dtype)
@@ -74,7 +108,7 @@ class BlockMeans:
     def result(self) -> np.ndarray:
         sizes = (np.diff(self.q_spans)[:, 0][:, None] * np.diff(self.k_spans)[:, 0][None, :])
         with np.errstate(invalid="ignore", divide="ignore"):
-            out = self.sums.cpu().numpy() / sizes
+            out = self.sums[:, :-1].cpu().numpy() / sizes
         return np.where(sizes > 0, out, np.nan).astype(np.float32)
 
 
@@ -95,9 +129,6 @@ class HeadStatistics:
         heads, rows, n_keys = p.shape
         device = p.device
         t = torch.arange(q0, q0 + rows, device=device)
-        totals = self.totals
-        totals["entropy"] += torch.special.entr(p).sum(-1).sum(-1).double()
-        totals["confidence"] += p.amax(-1).sum(-1).double()
 
         def at(keys):  # p[h, i, keys[i]] (0 outside the chunk's keys), (head, query)
             local = keys - k0
@@ -105,21 +136,18 @@ class HeadStatistics:
             picked = p.gather(-1, local.clamp(0, n_keys - 1)[None, :, None].expand(heads, -1, 1))
             return picked[..., 0] * ok
 
-        late = (t >= 2).double()
-        totals["first_token"] += (at(torch.zeros_like(t)) * late).sum(-1)
-        totals["previous_token"] += (at(t - 1) * late).sum(-1)
-        totals["self"] += (at(t) * late).sum(-1)
-        # Locality: w (row mass - mass within distance < w) + sum of p |t - k| within it.
-        far_rows = (t >= self.w).double()
-        near_mass = torch.zeros(heads, rows, dtype=torch.float64, device=device)
-        near_dist = torch.zeros_like(near_mass)
+        terms = {"entropy": torch.special.entr(p).sum(-1), "confidence": p.amax(-1),
+                 "first": at(torch.zeros_like(t)), "previous": at(t - 1), "self": at(t),
+                 "row_mass": p.sum(-1)}
+        # Mass within distance < w of the row's token, and its distance-weighted sum.
+        terms["near_mass"] = torch.zeros(heads, rows, dtype=torch.float64, device=device)
+        terms["near_dist"] = torch.zeros_like(terms["near_mass"])
         for d in range(-(self.w - 1), self.w):
             keys = t + d
             value = at(keys.clamp(0, self.n - 1)) * ((keys >= 0) & (keys < self.n))
-            near_mass += value
-            near_dist += value * abs(d)
-        row_mass = p.sum(-1).double()
-        totals["locality"] += ((self.w * (row_mass - near_mass) + near_dist) * far_rows).sum(-1)
+            terms["near_mass"] += value
+            terms["near_dist"] += value * abs(d)
+        self.add_terms(q0, terms)
         # Vertical scores: keys k <= t - proximity_ignore. Keys up to q0 - prox qualify for every
         # row of the chunk; the few after need the per-row test.
         every = max(0, min(n_keys, q0 - self.prox + 1 - k0))
@@ -130,6 +158,28 @@ class HeadStatistics:
             keys = torch.arange(k0 + every, k0 + stop, device=device)
             later = (t[:, None] - keys[None, :] >= self.prox)
             self.vertical[:, k0 + every:k0 + stop] += (p[..., every:stop] * later).sum(1).double()
+
+    def add_terms(self, q0: int, terms: dict[str, torch.Tensor],
+                  vertical: torch.Tensor | None = None) -> None:
+        """Per-row terms (head, query) of rows q0.. (`update` computes them from p): entropy,
+        confidence (max weight), first, previous, self (weight at key 0, t - 1, t), row_mass,
+        near_mass / near_dist (mass within distance < w, and its sum of weight x distance);
+        vertical (head, key): column sums over keys <= t - proximity_ignore, if given."""
+        rows = terms["entropy"].shape[1]
+        t = torch.arange(q0, q0 + rows, device=terms["entropy"].device)
+        late = (t >= 2).double()
+        totals = {name: terms[name].double() for name in terms}
+        self.totals["entropy"] += totals["entropy"].sum(-1)
+        self.totals["confidence"] += totals["confidence"].sum(-1)
+        for name, term in (("first_token", "first"), ("previous_token", "previous"),
+                           ("self", "self")):
+            self.totals[name] += (totals[term] * late).sum(-1)
+        # Locality: w (row mass - mass within distance < w) + sum of p |t - k| within it.
+        far_rows = (t >= self.w).double()
+        self.totals["locality"] += ((self.w * (totals["row_mass"] - totals["near_mass"])
+                                     + totals["near_dist"]) * far_rows).sum(-1)
+        if vertical is not None:
+            self.vertical += vertical.double()
 
     @staticmethod
     def unavailable(n_tokens: int,
@@ -145,7 +195,8 @@ class HeadStatistics:
         return reasons
 
     def result(self) -> dict[str, np.ndarray]:
-        n, totals = self.n, {k: v.cpu().numpy() for k, v in self.totals.items()}
+        n, names = self.n, ROLE_NAMES[:-1]
+        totals = dict(zip(names, torch.stack([self.totals[k] for k in names]).cpu().numpy()))
         positional = max(n - 2, 0)
         with np.errstate(invalid="ignore", divide="ignore"):
             out = {name: totals[name] / positional if n >= 3 else totals[name] * np.nan
@@ -154,10 +205,10 @@ class HeadStatistics:
             out["confidence"] = totals["confidence"] / n
             out["locality"] = (1.0 - totals["locality"] / max(n - self.w, 1) / self.w
                                if n >= 2 else totals["locality"] * np.nan)
-            counts = np.maximum(n - np.arange(n) - self.prox, 0)
-            vertical = np.where(counts > 0, self.vertical.cpu().numpy() / counts, np.nan)
         if "receiver_kurtosis" in self.unavailable(n, self.prox):
-            out["receiver_kurtosis"] = np.full(len(vertical), np.nan)
-        else:
-            out["receiver_kurtosis"] = kurtosis_of_vertical(vertical, self.prox)
+            out["receiver_kurtosis"] = np.full(len(self.vertical), np.nan)
+        else:  # on the device: one small copy back
+            counts = (n - torch.arange(n, device=self.vertical.device) - self.prox).clamp(min=0)
+            vertical = torch.where(counts > 0, self.vertical / counts, torch.nan)
+            out["receiver_kurtosis"] = kurtosis_of_vertical(vertical, self.prox).cpu().numpy()
         return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}

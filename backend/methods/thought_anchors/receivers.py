@@ -61,23 +61,25 @@ def vertical_scores(sentence_attn, proximity_ignore: int = PROXIMITY_IGNORE) -> 
         return np.where(count > 0, total / count, np.nan)
 
 
-def head_kurtosis(vertical) -> np.ndarray:
+def head_kurtosis(vertical):
     """Kurtosis of vertical scores over sentences (Fisher, biased, NaN omitted): (..., n) -> (...).
 
     For (layer, head, n) this gives (layer, head). Matches
     `scipy.stats.kurtosis(v, axis=-1, fisher=True, bias=True, nan_policy="omit")`; NaN where
-    fewer than one value is left or the values are constant.
+    fewer than one value is left or the values are constant. A torch tensor stays on its device
+    (the capture scores every layer on the GPU), an array gives an array.
     """
-    v = np.asarray(vertical, dtype=np.float64)
-    ok = ~np.isnan(v)
+    xp = torch if isinstance(vertical, torch.Tensor) else np
+    v = vertical.double() if xp is torch else np.asarray(vertical, dtype=np.float64)
+    ok = ~xp.isnan(v)
     count = ok.sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(ok, v, 0.0).sum(-1) / count
-        centred = np.where(ok, v - mean[..., None], 0.0)
+        mean = xp.where(ok, v, 0.0).sum(-1) / count
+        centred = xp.where(ok, v - mean[..., None], 0.0)
         m2 = (centred**2).sum(-1) / count
         m4 = (centred**4).sum(-1) / count
         kurt = m4 / m2**2 - 3.0
-    return np.where((count > 0) & (m2 > 0), kurt, np.nan)
+    return xp.where((count > 0) & (m2 > 0), kurt, float("nan"))
 
 
 def receiver_heads(

@@ -1,0 +1,284 @@
+"""Fused Triton kernels for the capture on a CUDA GPU: a layer's row log-sum-exps and its
+reductions in two passes over key blocks, as flash attention's forward walks them, emitting
+summaries instead of an output. No (head, query, key) array is ever formed.
+
+Pass 1 (`row_lse`): each row's log-sum-exp and maximum logit. Pass 2 (`reduce_layer`): exact
+weights p = exp(s - lse) block by block, pooled into what `BlockMeans` (row sums per key span)
+and `HeadStatistics` (per-row terms, vertical column sums) accumulate. Logits follow eager
+attention and `exact.logits`: q . k accumulated in float32, rounded to the model's dtype, times
+scaling, rounded again. Rules covered: causal or bidirectional, grouped-query attention, sliding
+windows (`supported`); soft-capping and sink logits stay on the plain-torch path.
+
+Shapes: query (head, T, head_dim), key (key_head, T, head_dim), any strides; lse (head, T).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from backend.methods.exact import AttentionRule
+from backend.methods.reductions import BlockMeans, HeadStatistics
+
+# (rows, keys, warps, stages) per program of each pass, tuned on an H200 (bf16, head_dim 128).
+LSE_BLOCKS = (128, 128, 8, 2)
+REDUCE_BLOCKS = (128, 64, 4, 2)
+# Kernels decorated under TRITON_INTERPRET=1 run in Triton's interpreter (the CPU tests).
+INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
+MASKED = tl.constexpr(-1e30)  # pass 2's masked logit: p = 0 and p (lse - s) = 0, not NaN
+# Per-row terms of pass 2, in this order (HeadStatistics.add_terms takes them by name).
+TERMS = ("entropy", "first", "previous", "self", "near_mass", "near_dist", "row_mass")
+
+
+@triton.jit
+def _bound(x):
+    """A runtime loop bound: itself when compiled; a Python int in the interpreter, whose
+    range() cannot index its one-element scalars under numpy >= 2.4 (Triton issue 9171). Call it
+    inside range(): the interpreter turns every assigned value back into a tensor."""
+    if INTERPRETED:
+        return x.handle.data.item()
+    else:
+        return x
+
+
+@triton.jit
+def _logits(q, K, k_base, cols, d, T, stride_kt, stride_kd, scaling, D: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """(rows, keys) float32 logits of one key block, unmasked."""
+    k = tl.load(K + k_base + cols[None, :] * stride_kt + d[:, None] * stride_kd,
+                mask=(cols[None, :] < T) & (d[:, None] < D), other=0.0)
+    dot = tl.dot(q, k, input_precision=PRECISION)
+    return (dot.to(q.dtype).to(tl.float32) * scaling).to(q.dtype).to(tl.float32)
+
+
+@triton.jit
+def _allowed(distance, rows, cols, T, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    ok = (cols[None, :] < T) & (rows[:, None] < T)
+    if CAUSAL:
+        ok &= distance >= 0
+    if WINDOW:
+        ok &= tl.abs(distance) < window
+    return ok
+
+
+@triton.jit
+def _partial(q_lo, k_lo, T, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether some (row, key) of the block is masked (most blocks need no mask at all)."""
+    top = q_lo + BLOCK_M - 1 - k_lo  # largest row - key distance in the block
+    bottom = q_lo - (k_lo + BLOCK_N - 1)  # smallest
+    partial = (q_lo + BLOCK_M > T) | (k_lo + BLOCK_N > T)
+    if CAUSAL:
+        partial |= bottom < 0
+    if WINDOW:
+        partial |= (top >= window) | (-bottom >= window)
+    return partial
+
+
+@triton.jit
+def _key_range(q_lo, q_hi, T, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """The key blocks queries [q_lo, q_hi) can see at all (`AttentionRule.key_range`)."""
+    first = 0
+    last = T
+    if WINDOW:
+        if q_lo - window + 1 > 0:
+            first = q_lo - window + 1
+        if q_hi + window - 1 < T:
+            last = q_hi + window - 1
+    if CAUSAL:
+        if q_hi < T:
+            last = q_hi
+        else:
+            last = T
+    return (first // BLOCK_N) * BLOCK_N, last
+
+
+@triton.jit
+def _lse_kernel(Q, K, T, group, scaling, window,
+                stride_qh, stride_qt, stride_qd, stride_kh, stride_kt, stride_kd, LSE, MAX,
+                D: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    head = tl.program_id(1)
+    q_lo = tl.program_id(0) * BLOCK_M
+    rows = q_lo + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, DP)
+    q = tl.load(Q + head * stride_qh + rows[:, None] * stride_qt + d[None, :] * stride_qd,
+                mask=(rows[:, None] < T) & (d[None, :] < D), other=0.0)
+    k_base = (head // group) * stride_kh
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    start, last = _key_range(q_lo, q_lo + BLOCK_M, T, window, CAUSAL, WINDOW, BLOCK_N)
+    for k_lo in range(_bound(start), _bound(last), BLOCK_N):
+        cols = k_lo + tl.arange(0, BLOCK_N)
+        s = _logits(q, K, k_base, cols, d, T, stride_kt, stride_kd, scaling, D, PRECISION)
+        if _partial(q_lo, k_lo, T, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N):
+            distance = rows[:, None] - cols[None, :]
+            s = tl.where(_allowed(distance, rows, cols, T, window, CAUSAL, WINDOW), s,
+                         float("-inf"))
+        new = tl.maximum(m, tl.max(s, 1))
+        safe = tl.where(new == float("-inf"), 0.0, new)  # a row with no key seen yet
+        total = total * tl.exp(m - safe) + tl.sum(tl.exp(s - safe[:, None]), 1)
+        m = new
+    out = head * T + rows
+    tl.store(LSE + out, m + tl.log(total), mask=rows < T)
+    tl.store(MAX + out, m, mask=rows < T)
+
+
+@triton.jit
+def _reduce_kernel(Q, K, T, group, scaling, window,
+                   stride_qh, stride_qt, stride_qd, stride_kh, stride_kt, stride_kd, LSE,
+                   q_start, chunk, SPAN, SPAN_LO, SPAN_HI, SPAN_ONE, ROW_SUMS, n_spans, TERMS,
+                   VERTICAL, near, prox,
+                   D: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr,
+                   WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCKS: tl.constexpr,
+                   STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    head = tl.program_id(1)
+    n_heads = tl.num_programs(1)
+    q_lo = q_start + tl.program_id(0) * BLOCK_M
+    q_hi = q_lo + BLOCK_M
+    rows = q_lo + tl.arange(0, BLOCK_M)
+    local = rows - q_start  # outputs hold rows [q_start, q_start + chunk)
+    d = tl.arange(0, DP)
+    q = tl.load(Q + head * stride_qh + rows[:, None] * stride_qt + d[None, :] * stride_qd,
+                mask=(rows[:, None] < T) & (d[None, :] < D), other=0.0)
+    lse = tl.load(LSE + head * T + rows, mask=rows < T, other=0.0)
+    k_base = (head // group) * stride_kh
+    entropy = tl.zeros([BLOCK_M], tl.float32)
+    mass = tl.zeros([BLOCK_M], tl.float32)
+    first = tl.zeros([BLOCK_M], tl.float32)
+    previous = tl.zeros([BLOCK_M], tl.float32)
+    itself = tl.zeros([BLOCK_M], tl.float32)
+    near_mass = tl.zeros([BLOCK_M], tl.float32)
+    near_dist = tl.zeros([BLOCK_M], tl.float32)
+    start, last = _key_range(q_lo, q_hi, T, window, CAUSAL, WINDOW, BLOCK_N)
+    for k_lo in range(_bound(start), _bound(last), BLOCK_N):
+        cols = k_lo + tl.arange(0, BLOCK_N)
+        s = _logits(q, K, k_base, cols, d, T, stride_kt, stride_kd, scaling, D, PRECISION)
+        distance = rows[:, None] - cols[None, :]
+        if _partial(q_lo, k_lo, T, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N):
+            s = tl.where(_allowed(distance, rows, cols, T, window, CAUSAL, WINDOW), s, MASKED)
+        p = tl.exp(s - lse[:, None])
+        row = tl.sum(p, 1)
+        if BLOCKS:
+            block = k_lo // BLOCK_N
+            one = tl.load(SPAN_ONE + block)
+            if one >= 0:  # every key of the block in one span
+                out = ROW_SUMS + (head * n_spans + one) * chunk + local
+                tl.store(out, tl.load(out, mask=rows < T, other=0.0) + row, mask=rows < T)
+            else:
+                span = tl.load(SPAN + cols, mask=cols < T, other=-1)
+                for b in range(_bound(tl.load(SPAN_LO + block)),
+                               _bound(tl.load(SPAN_HI + block)) + 1):
+                    out = ROW_SUMS + (head * n_spans + b) * chunk + local
+                    part = tl.sum(tl.where(span[None, :] == b, p, 0.0), 1)
+                    tl.store(out, tl.load(out, mask=rows < T, other=0.0) + part, mask=rows < T)
+        if STATS:
+            entropy += tl.sum(p * (lse[:, None] - s), 1)  # -p log p, log p = s - lse
+            mass += row
+            if k_lo == 0:
+                first += tl.sum(tl.where(cols[None, :] == 0, p, 0.0), 1)
+            if (k_lo < q_hi + near) & (k_lo + BLOCK_N > q_lo - near):
+                previous += tl.sum(tl.where(distance == 1, p, 0.0), 1)
+                itself += tl.sum(tl.where(distance == 0, p, 0.0), 1)
+                close = tl.where(tl.abs(distance) < near, p, 0.0)
+                near_mass += tl.sum(close, 1)
+                near_dist += tl.sum(close * tl.abs(distance).to(tl.float32), 1)
+            if k_lo + BLOCK_N - 1 <= q_lo - prox:  # every row far enough from every key
+                tl.atomic_add(VERTICAL + head * T + cols, tl.sum(p, 0), mask=cols < T,
+                              sem="relaxed")
+            elif k_lo <= q_hi - 1 - prox:
+                column = tl.sum(tl.where(distance >= prox, p, 0.0), 0)
+                tl.atomic_add(VERTICAL + head * T + cols, column, mask=cols < T, sem="relaxed")
+    if STATS:
+        out = TERMS + head * chunk + local
+        step = n_heads * chunk
+        tl.store(out, entropy, mask=rows < T)
+        tl.store(out + step, first, mask=rows < T)
+        tl.store(out + 2 * step, previous, mask=rows < T)
+        tl.store(out + 3 * step, itself, mask=rows < T)
+        tl.store(out + 4 * step, near_mass, mask=rows < T)
+        tl.store(out + 5 * step, near_dist, mask=rows < T)
+        tl.store(out + 6 * step, mass, mask=rows < T)
+
+
+def supported(rule: AttentionRule, reducers: list, query: torch.Tensor) -> bool:
+    """Whether the kernels reproduce this layer: CUDA tensors (any tensors in the interpreter),
+    a rule without soft-capping or sink logits, and at most one BlockMeans (sorted, disjoint key
+    spans) and one HeadStatistics."""
+    kinds = [type(r) for r in reducers]
+    return ((query.is_cuda or INTERPRETED) and rule.softcap is None and rule.sinks is None
+            and set(kinds) <= {BlockMeans, HeadStatistics} and len(set(kinds)) == len(kinds)
+            and all(r.sorted_key_spans() for r in reducers if isinstance(r, BlockMeans)))
+
+
+def _launch(kernel, blocks, q: torch.Tensor, k: torch.Tensor, rule: AttentionRule, *args,
+            rows: int | None = None, **flags) -> None:
+    """One program per block_m query rows (`rows` of them, default all) and query head."""
+    n_heads, n_tokens, head_dim = q.shape
+    block_m, block_n, warps, stages = blocks
+    kernel[(triton.cdiv(rows or n_tokens, block_m), n_heads)](
+        q, k, n_tokens, n_heads // k.shape[0], rule.scaling, rule.window or 0, *q.stride(),
+        *k.stride(), *args, D=head_dim, DP=max(16, triton.next_power_of_2(head_dim)),
+        CAUSAL=rule.causal, WINDOW=rule.window is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
+        BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags)
+
+
+def row_lse(q: torch.Tensor, k: torch.Tensor, rule: AttentionRule) -> tuple[torch.Tensor,
+                                                                            torch.Tensor]:
+    """(head, T) float32 log-sum-exp and maximum logit of every row."""
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    top = torch.empty_like(lse)
+    _launch(_lse_kernel, LSE_BLOCKS, q, k, rule, lse, top)
+    return lse, top
+
+
+def _span_bounds(span: torch.Tensor, n_tokens: int, block_n: int) -> tuple[torch.Tensor, ...]:
+    """Per key block: the first and last span it meets (last < first where it meets none),
+    and the span that holds all its keys (-1 where none does)."""
+    pad = (-n_tokens) % block_n
+    blocks = torch.nn.functional.pad(span, (0, pad), value=-1).view(-1, block_n)
+    big = torch.iinfo(torch.int64).max
+    lo = torch.where(blocks >= 0, blocks, big).amin(1)
+    hi = blocks.amax(1)
+    one = torch.where((blocks == hi[:, None]).all(1), hi, -1)
+    return torch.where(hi >= 0, lo, 0), hi, one
+
+
+def reduce_layer(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, top: torch.Tensor,
+                 rule: AttentionRule, reducers: list, chunk_bytes: int = 1 << 30) -> None:
+    """Feed every reducer the whole layer (`supported` reducers), one launch per chunk of
+    queries whose outputs (row sums per key span, per-row terms) fit in chunk_bytes."""
+    n_heads, n_tokens, _ = q.shape
+    device = q.device
+    blocks = next((r for r in reducers if isinstance(r, BlockMeans)), None)
+    stats = next((r for r in reducers if isinstance(r, HeadStatistics)), None)
+    empty = torch.empty(1, device=device)
+    span = lo = hi = one = terms = vertical = empty
+    n_spans = near = prox = 0
+    if blocks is not None:
+        span = blocks.key_span_index()
+        lo, hi, one = _span_bounds(span, n_tokens, REDUCE_BLOCKS[1])
+        n_spans = len(blocks.k_spans)
+    if stats is not None:
+        vertical = torch.zeros(n_heads, n_tokens, dtype=torch.float32, device=device)
+        near, prox = stats.w, stats.prox
+    row_bytes, block_m = 4 * n_heads * (n_spans + len(TERMS)), REDUCE_BLOCKS[0]
+    step = max(block_m, chunk_bytes // row_bytes // block_m * block_m)
+    for q0 in range(0, n_tokens, step):
+        rows = min(step, n_tokens - q0)
+        row_sums = torch.zeros(n_heads, n_spans, rows, dtype=torch.float32, device=device)
+        if stats is not None:
+            terms = torch.empty(len(TERMS), n_heads, rows, dtype=torch.float32, device=device)
+        _launch(_reduce_kernel, REDUCE_BLOCKS, q, k, rule, lse, q0, rows, span, lo, hi, one,
+                row_sums, n_spans, terms, vertical, near, prox, rows=rows,
+                BLOCKS=blocks is not None, STATS=stats is not None)
+        if blocks is not None:
+            blocks.add_key_sums(q0, row_sums.transpose(1, 2))
+        if stats is not None:
+            named = dict(zip(TERMS, terms))
+            named["confidence"] = torch.exp(top[:, q0:q0 + rows] - lse[:, q0:q0 + rows])
+            # column sums are complete only after the last chunk's launch
+            stats.add_terms(q0, named, vertical if q0 + rows == n_tokens else None)
