@@ -14,6 +14,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -53,12 +54,20 @@ class Ticket:
     job_id: str | None = None
 
 
+# Where a job's compute runs: (ctx, request, analysis id, store) -> (record, {name: array}).
+Executor = Callable[[JobContext, AnalysisRequest, str, Store],
+                    tuple[AnalysisRecord, dict[str, np.ndarray]]]
+
+
 class AtlasService(Comparisons):
     def __init__(self, settings: Settings | None = None, store: Store | None = None,
-                 worker: Worker | None = None):
+                 worker: Worker | None = None, executor: Executor | None = None):
         self.settings = settings or Settings.from_env()
         self.store = store or Store(self.settings.database_path)
         self.worker = worker or Worker(self.settings)
+        # In this process by default, or on model-worker replicas (backend.serving.ray_serve);
+        # either way the result is saved here, by the cache's only writer.
+        self.executor: Executor = executor or analyses.compute
         self.memory = BoundedCache(self.settings.memory_budget_bytes)
         self.device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -77,7 +86,7 @@ class AtlasService(Comparisons):
 
     def _compute(self, ctx: JobContext, request: AnalysisRequest, aid: str) -> str:
         if not self.store.has(aid):  # an identical job may have finished while this one queued
-            record, arrays = analyses.compute(ctx, request, aid, self.store)
+            record, arrays = self.executor(ctx, request, aid, self.store)
             ctx.progress(0.85, "Saving to the cache")
             self.store.save(record, arrays)
         return aid

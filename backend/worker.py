@@ -154,6 +154,10 @@ class ModelPool:
         self.settings, self.capacity = settings, capacity
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
 
+    def references(self) -> list[str]:
+        """The loaded models' references, least recently used first."""
+        return list(self._models)
+
     def get(self, ref: str, progress: Callable[[float, str], None]) -> LoadedModel:
         source = resolve_source(ref, self.settings)
         if ref in self._models and self._models[ref].fingerprint == source_fingerprint(source):
@@ -198,11 +202,12 @@ class _Job:
 
 
 class Worker:
-    """Runs jobs one at a time on one device. Submitting a key already queued or running returns
-    that job, so identical concurrent requests compute once."""
+    """Runs jobs one at a time on one device (or `parallel` at a time where jobs only wait on
+    compute elsewhere, as on a Ray Serve ingress). Submitting a key already queued or running
+    returns that job, so identical concurrent requests compute once."""
 
     def __init__(self, settings: Settings, max_models: int = 2, history: int = 256,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, parallel: int = 1):
         self.settings, self.clock = settings, clock
         self._listeners: list[Callable[[JobStatus], None]] = []
         self.models = ModelPool(settings, max_models)
@@ -212,8 +217,10 @@ class Worker:
         self._history = history
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="atlas-worker", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"atlas-worker-{i}", daemon=True)
+                         for i in range(parallel)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, key: str, fn: Callable[[JobContext], Any]) -> str:
         """Queue `fn` under `key` (what makes two requests the same); returns the job id."""
@@ -265,8 +272,10 @@ class Worker:
         self._job(job_id).cancel_requested.set()
 
     def shutdown(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:

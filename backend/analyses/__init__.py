@@ -24,15 +24,24 @@ ANALYSES = {
     "ta_suppression": thought_anchors.compute_suppression,
     "ta_resampling": thought_anchors.compute_resampling,
 }
-# Kinds that save partial results as they go (and so resume): they also get the store.
-RESUMABLE = {"ta_resampling"}
+# Kinds that save partial results as they go (and so resume): they also get the rollout log,
+# and name the rollout pool they read and extend: pool(request, model fingerprint).
+RESUMABLE = {"ta_resampling": thought_anchors.rollout_pool}
 
 
-def compute(ctx, request: AnalysisRequest, aid: str, store):
-    """(AnalysisRecord, {name: array}) of the request's kind."""
+def compute(ctx, request: AnalysisRequest, aid: str, rollouts):
+    """(AnalysisRecord, {name: array}) of the request's kind. `rollouts`: where resumable kinds
+    read and append saved rollouts (`load_rollouts(pool)`, `save_rollouts(pool, rows)`): the
+    Store itself, or a job's rollout log on another process (backend.serving.rollout_log)."""
     if request.kind in RESUMABLE:
-        return ANALYSES[request.kind](ctx, request, aid, store)
+        return ANALYSES[request.kind](ctx, request, aid, rollouts)
     return ANALYSES[request.kind](ctx, request, aid)
+
+
+def rollout_pools(request: AnalysisRequest, fingerprint: str) -> list[str]:
+    """The rollout pools a request's compute reads (none unless its kind is resumable)."""
+    pool = RESUMABLE.get(request.kind)
+    return [pool(request, fingerprint)] if pool else []
 
 
 def validate(request: AnalysisRequest) -> None:
@@ -44,4 +53,4 @@ def validate(request: AnalysisRequest) -> None:
 
 
 __all__ = ["ANALYSES", "CODE_VERSION", "MAX_TEXT_CHARS", "AnalysisRequest", "analysis_id",
-           "compute", "validate"]
+           "compute", "rollout_pools", "validate"]

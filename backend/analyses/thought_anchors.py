@@ -191,11 +191,12 @@ def resampled_chunks(n_chunks: int, chunks) -> tuple[list[int], list[int]]:
     return selected, sorted(set(selected) | {i + 1 for i in selected if i + 1 < n_chunks})
 
 
-def missing_rollouts(store, pool: str, sampled: list[int], n_rollouts: int,
+def missing_rollouts(rollouts, pool: str, sampled: list[int], n_rollouts: int,
                      forced: bool) -> dict[tuple[int, bool], tuple[int, int]]:
-    """{(chunk, forced): (saved, missing)} of the sentences to sample."""
+    """{(chunk, forced): (saved, missing)} of the sentences to sample; `rollouts`: the Store or
+    a job's rollout log."""
     saved: dict[tuple[int, bool], int] = {}
-    for row in store.load_rollouts(pool):
+    for row in rollouts.load_rollouts(pool):
         key = (row["chunk_idx"], row["forced"])
         saved[key] = saved.get(key, 0) + 1
     variants = (False, True) if forced else (False,)
@@ -206,8 +207,8 @@ def missing_rollouts(store, pool: str, sampled: list[int], n_rollouts: int,
 class _Saver:
     """Saves rollouts in batches at most `every_s` apart (one transaction each)."""
 
-    def __init__(self, store, pool: str, every_s: float = 0.5):
-        self.store, self.pool, self.every_s = store, pool, every_s
+    def __init__(self, rollouts, pool: str, every_s: float = 0.5):
+        self.rollouts, self.pool, self.every_s = rollouts, pool, every_s
         self.rows: list[dict] = []
         self.last = time.monotonic()
 
@@ -218,18 +219,18 @@ class _Saver:
 
     def flush(self) -> None:
         if self.rows:
-            self.store.save_rollouts(self.pool, self.rows)
+            self.rollouts.save_rollouts(self.pool, self.rows)
         self.rows, self.last = [], time.monotonic()
 
 
 FORCED_TOKENS = 12  # the forced answer follows "\\boxed{" at once
 
 
-def compute_resampling(ctx, request: AnalysisRequest, aid: str, store):
+def compute_resampling(ctx, request: AnalysisRequest, aid: str, rollouts):
     """Counterfactual resampling (spec section 2) of the selected sentences (`chunks`, all by
     default) on the chosen rollout engine. Rollouts are saved as they arrive in the request's
-    rollout pool (`rollout_pool`): a restarted job, or a later one asking for more, samples
-    only what is missing."""
+    rollout pool (`rollout_pool`) of `rollouts` (the Store or a job's rollout log): a restarted
+    job, or a later one asking for more, samples only what is missing."""
     params = dict(request.params)
     chunks = trace_chunks(request.text)
     selected, sampled = resampled_chunks(len(chunks), params.get("chunks"))
@@ -237,7 +238,7 @@ def compute_resampling(ctx, request: AnalysisRequest, aid: str, store):
     reference = params.get("answer") or extract_boxed_answer(request.text)
     n_rollouts = int(params.get("rollouts", 4))
     pool = rollout_pool(request, lm.fingerprint)
-    todo = missing_rollouts(store, pool, sampled, n_rollouts, params.get("forced", True))
+    todo = missing_rollouts(rollouts, pool, sampled, n_rollouts, params.get("forced", True))
     prompts = []
     for (i, forced), (saved, missing) in todo.items():
         if not missing:
@@ -254,7 +255,7 @@ def compute_resampling(ctx, request: AnalysisRequest, aid: str, store):
         seed = int(params.get("seed", 0)) * 1_000_003 + sum(s for s, _ in todo.values())
         sampling = _sampling(params, lm, params.get("max_new_tokens", 256), seed,
                              answer_stop=True)
-        saver = _Saver(store, pool)
+        saver = _Saver(rollouts, pool)
         report = _rollout_progress(ctx, 0.3, 0.9, f"Resampling {len(sampled)} sentences")
         meter = None
 
@@ -271,7 +272,7 @@ def compute_resampling(ctx, request: AnalysisRequest, aid: str, store):
         if meter is not None and meter.rollouts_per_s:
             RATES[engine_name] = meter.rollouts_per_s
     ctx.progress(0.92, "Embedding resampled sentences and computing the metrics")
-    saved = [r for r in store.load_rollouts(pool) if r["rollout_idx"] < n_rollouts
+    saved = [r for r in rollouts.load_rollouts(pool) if r["rollout_idx"] < n_rollouts
              and r["chunk_idx"] in sampled]
     rollouts = [Rollout(r["chunk_idx"], r["chunk_resampled"], r["answer"], r["is_correct"],
                         r["forced"]) for r in saved]

@@ -1,0 +1,241 @@
+"""The worker on Ray Serve, on a real local Ray cluster on the CPU: the ingress owning a fresh
+cache and two model-worker replicas, driven through the ingress's HTTP API with the app's own
+client (and once with the app itself in a browser)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+from ray.util.state import list_actors  # noqa: E402
+
+from backend.analyses import AnalysisRequest  # noqa: E402
+from backend.analyses.thought_anchors import rollout_pool  # noqa: E402
+from backend.methods.hooks import attention_implementation  # noqa: E402
+from backend.methods.thought_anchors.segmentation import split_into_chunks  # noqa: E402
+from backend.models import resolve_source, source_fingerprint  # noqa: E402
+from backend.serving.client import WorkerClient  # noqa: E402
+from backend.serving.ray_serve import APP_NAME, build_app  # noqa: E402
+from backend.store import Store  # noqa: E402
+from tests.reliability.fault_process import RESAMPLING, RESAMPLING_ROLLOUTS, SOLUTION  # noqa: E402
+
+pytestmark = pytest.mark.timeout(900)
+
+TEXT = "The trophy did not fit in the suitcase because it was too big."
+# About 1,500 tokens: a job of a few seconds on two CPU cores, long enough to act during it.
+LONG_TEXT = " ".join(f"Line {i} of the ledger lists barrels of salt shipped north." for i in
+                     range(120))
+
+
+@dataclass
+class RayWorker:
+    url: str
+    client: WorkerClient
+    cache: Path
+    committed: set[str] = field(default_factory=set)  # analyses the tests saw finish
+
+    @staticmethod
+    def replicas() -> list[dict]:
+        """Each model-worker replica's info (id, pid, models, its jobs' states); they answer
+        between jobs."""
+        handle = serve.get_deployment_handle("ModelWorker", app_name=APP_NAME)
+        return sorted(handle.broadcast("info").results(), key=lambda r: r["replica"])
+
+    @staticmethod
+    def pid(replica: str) -> int:
+        """The process of a replica, from Ray's own actor table."""
+        [actor] = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+                   if a.name and a.name.endswith(f"#{replica}")]
+        return actor.pid
+
+    def jobs(self) -> int:
+        return sum(len(r["jobs"]) for r in self.replicas())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_worker(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("ray-cache")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(replicas_min=2, replicas_max=2, gpus_per_replica=0,
+                        cpus_per_replica=1, env={"ATLAS_CACHE_DIR": str(cache)}),
+              name=APP_NAME, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield RayWorker(url, WorkerClient(url), cache)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def follow(client: WorkerClient, request: AnalysisRequest, timeout: float = 300,
+           on_status=None) -> str:
+    """Submit, poll until the job ends (calling `on_status(status)` each time), the id."""
+    ticket = client.submit(request)
+    if ticket.analysis_id:
+        return ticket.analysis_id
+    deadline = time.monotonic() + timeout
+    while not (status := client.job_status(ticket.job_id)).finished:
+        assert time.monotonic() < deadline, f"still {status}"
+        if on_status:
+            on_status(status)
+        time.sleep(0.05)
+    return client.job_result(ticket.job_id)
+
+
+def test_an_attention_analysis_through_ray_equals_eager_attention(ray_worker, smollm2):
+    aid = ray_worker.client.run(AnalysisRequest.make("attention", "smollm2", TEXT), timeout=300)
+    ray_worker.committed.add(aid)
+    ids = smollm2.tokenizer(TEXT)["input_ids"]
+    with attention_implementation(smollm2.model, "eager"), torch.inference_mode():
+        eager = smollm2.model(torch.tensor([ids]), output_attentions=True).attentions
+    assert len(ray_worker.client.analysis(aid).meta["tokens"]) == len(ids)
+    for layer, head in ((0, 0), (13, 8), (29, 4)):
+        np.testing.assert_allclose(ray_worker.client.attention_matrix(aid, layer, head),
+                                   eager[layer][0, head].numpy(), atol=2e-5)
+    # The whole map's overview (stored by the replica, pooled by the ingress) is the eager
+    # map's block means.
+    overview = ray_worker.client.attention_overview(aid, 13, None, bins=4)
+    mean = eager[13][0].mean(0).numpy()
+    q, k = overview.query_edges, overview.key_edges
+    expected = [[mean[q[i]:q[i + 1], k[j]:k[j + 1]].mean() for j in range(4)] for i in range(4)]
+    np.testing.assert_allclose(overview.values, expected, atol=1e-5)
+
+
+def _sessions(n: int, work) -> list:
+    """Run work(i) in n threads at once (each its own client: a session), their results."""
+    results: list = [None] * n
+    errors: list[BaseException] = []
+    start = threading.Barrier(n)
+
+    def session(i: int) -> None:
+        try:
+            start.wait()
+            results[i] = work(i)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert not errors, errors
+    return results
+
+
+def test_twenty_identical_requests_compute_once_across_replicas(ray_worker):
+    request = AnalysisRequest.make("attention", "smollm2", "Twenty students ask the same thing.")
+    before = ray_worker.jobs()
+    ids = _sessions(20, lambda i: follow(WorkerClient(ray_worker.url), request))
+    assert len(set(ids)) == 1
+    ray_worker.committed.update(ids)
+    assert ray_worker.jobs() == before + 1  # one compute on one replica, for all twenty
+
+
+def test_twenty_distinct_requests_all_complete_on_both_replicas(ray_worker):
+    texts = [f"Student {i} asks about the word number {i}." for i in range(20)]
+    before = {r["replica"]: len(r["jobs"]) for r in ray_worker.replicas()}
+    ids = _sessions(20, lambda i: follow(WorkerClient(ray_worker.url),
+                                         AnalysisRequest.make("attention", "smollm2", texts[i])))
+    assert len(set(ids)) == 20
+    ray_worker.committed.update(ids)
+    assert [ray_worker.client.analysis(aid).text for aid in ids] == texts  # none lost or mixed
+    after = {r["replica"]: len(r["jobs"]) for r in ray_worker.replicas()}
+    assert sum(after.values()) - sum(before.values()) == 20
+    assert all(after[r] > before[r] for r in after), (before, after)  # both replicas computed
+    assert all(r["models"] == ["smollm2"] for r in ray_worker.replicas())
+
+
+def test_cancel_stops_the_job_on_its_replica(ray_worker):
+    client = ray_worker.client
+    ticket = client.submit(AnalysisRequest.make("attention", "smollm2", LONG_TEXT + " Cancel."))
+    deadline = time.monotonic() + 120
+    while "replica" not in (status := client.job_status(ticket.job_id)).detail:
+        assert time.monotonic() < deadline and not status.finished, status
+        time.sleep(0.02)
+    client.cancel(ticket.job_id)
+    while not (status := client.job_status(ticket.job_id)).finished:
+        time.sleep(0.05)
+    assert status.state == "cancelled"
+    replica = status.detail["replica"]
+    deadline = time.monotonic() + 60
+    while (jobs := next(r["jobs"] for r in ray_worker.replicas() if r["replica"] == replica)
+           )[-1] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert jobs[-1] == "cancelled"  # it stopped there too, not ran on to the end
+
+
+def test_a_replica_killed_mid_job_is_retried_on_another(ray_worker):
+    client = ray_worker.client
+    killed: list[int] = []
+
+    def kill_its_replica(status) -> None:
+        if not killed and status.stage.startswith("Running the model"):
+            killed.append(ray_worker.pid(status.detail["replica"]))
+            os.kill(killed[0], signal.SIGKILL)
+
+    aid = follow(client, AnalysisRequest.make("attention", "smollm2", LONG_TEXT),
+                 on_status=kill_its_replica)
+    assert killed, "the job ended before its replica could be killed"
+    ray_worker.committed.add(aid)
+    record = client.analysis(aid)
+    assert record.text == LONG_TEXT and record.meta["n_layers"] == 30
+    assert client.attention_row(aid, 3, 0, 5).sum() == pytest.approx(1, abs=1e-4)
+
+
+def test_a_replica_killed_during_resampling_keeps_the_saved_rollouts(ray_worker):
+    client = ray_worker.client
+    killed: list[int] = []
+
+    def kill_after_the_rollouts(status) -> None:
+        # Rollouts are all saved (streamed to the ingress as they come) before this stage.
+        if not killed and status.stage.startswith("Embedding resampled sentences"):
+            killed.append(ray_worker.pid(status.detail["replica"]))
+            os.kill(killed[0], signal.SIGKILL)
+
+    aid = follow(client, RESAMPLING, on_status=kill_after_the_rollouts)
+    assert killed, "the job ended before its replica could be killed"
+    assert client.analysis(aid).meta["rollouts"] == RESAMPLING_ROLLOUTS
+    ray_worker.committed.add(aid)
+
+
+def test_every_committed_analysis_loads_after_the_service_stops(ray_worker, settings):
+    records = {aid: ray_worker.client.analysis(aid) for aid in ray_worker.committed}
+    arrays = {aid: {name: ray_worker.client.array(aid, name)
+                    for name in ray_worker.client.array_names(aid)} for aid in records}
+    serve.shutdown()  # the ingress releases the cache file
+    store = Store(ray_worker.cache / "atlas.duckdb")
+    try:
+        assert set(records) <= {r.id for r in store.recent(limit=1000)}
+        for aid, record in records.items():
+            assert store.load(aid).text == record.text
+            for name, values in arrays[aid].items():
+                np.testing.assert_array_equal(store.load_array(aid, name), values)
+        # Each rollout of the resampling (free and forced, per sentence) is saved once, though
+        # its replica was killed after sending them: the retry reused them (sampling one again
+        # would have failed the job on the rollout table's primary key).
+        pool = rollout_pool(RESAMPLING, source_fingerprint(resolve_source("smollm2", settings)))
+        rows = store.load_rollouts(pool)
+        assert len(rows) == len(split_into_chunks(SOLUTION)) * 2 * RESAMPLING_ROLLOUTS
+    finally:
+        store.close()
