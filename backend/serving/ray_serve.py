@@ -2,7 +2,7 @@
 compute, on as many GPUs and hosts as the Ray cluster has.
 
     python -m backend.serving.ray_serve [--address auto] [--replicas-min 1 --replicas-max 2]
-        [--gpus-per-replica 1] [--host 127.0.0.1 --port 8000]
+        [--gpus-per-replica 1] [--host 127.0.0.1 --port 8600]
 
 - `Ingress` (one replica, on the head node): the worker's HTTP API (backend.serving.http_api)
   around an AtlasService whose jobs run their compute through `RayCompute`. It keeps everything
@@ -37,6 +37,9 @@ from backend.analyses import AnalysisRequest
 from backend.config import REPO_ROOT, Settings
 from backend.errors import AtlasError
 from backend.models import LoadedModel, resolve_source, source_fingerprint
+from backend.serving.__main__ import is_loopback
+from backend.serving.client import DEFAULT_PORT
+from backend.serving.http_api import create_app
 from backend.serving.rollout_log import RolloutLog
 from backend.service import AtlasService
 from backend.store import Store
@@ -126,14 +129,16 @@ class ModelWorker:
         return JobStatus("", "running", 0.0, stage, 0.0, None)
 
     def _tagged(self, event: dict) -> dict:
-        """Status events carry the replica's id and its stage's own time-left estimate."""
+        """Status events carry the replica (its id and process, for logs and fault drills) and
+        its stage's own time-left estimate."""
         if "status" in event:
             status = event["status"]
             event = {"status": JobStatus(status.id, status.state, status.fraction, status.stage,
                                          status.elapsed_s, status.eta_s, status.error,
                                          status.stage_elapsed_s,
                                          {**status.detail, "eta_s": status.eta_s,
-                                          "replica": self.replica})}
+                                          "replica": self.replica,
+                                          "replica_pid": os.getpid()})}
         return event
 
     def info(self) -> dict:
@@ -225,8 +230,6 @@ class Ingress:
                                     executor=RayCompute(model_worker))
 
     def __serve_build_asgi_app__(self):
-        from backend.serving.http_api import create_app
-
         return create_app(self.service, token=self.token)
 
 
@@ -275,11 +278,12 @@ def main(argv: list[str] | None = None) -> None:
                              "replicas sharing one, 0 on the CPU")
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     args = parser.parse_args(argv)
-    from backend.serving.http_api import require_token
-
-    token = require_token(args.host)
+    token = os.environ.get("ATLAS_WORKER_TOKEN") or None
+    if token is None and not is_loopback(args.host):
+        parser.error(f"listening on {args.host} needs ATLAS_WORKER_TOKEN (give the app the same "
+                     "value), or listen on 127.0.0.1.")
     ray.init(address=args.address, include_dashboard=False)
     gpus = args.gpus_per_replica
     if gpus is None:

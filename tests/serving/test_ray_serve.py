@@ -5,20 +5,22 @@ client (and once with the app itself in a browser)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
 import torch
+from playwright.sync_api import expect
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
-from ray.util.state import list_actors  # noqa: E402
 
 from backend.analyses import AnalysisRequest  # noqa: E402
 from backend.analyses.thought_anchors import rollout_pool  # noqa: E402
@@ -28,14 +30,22 @@ from backend.models import resolve_source, source_fingerprint  # noqa: E402
 from backend.serving.client import WorkerClient  # noqa: E402
 from backend.serving.ray_serve import APP_NAME, build_app  # noqa: E402
 from backend.store import Store  # noqa: E402
-from tests.reliability.fault_process import RESAMPLING, RESAMPLING_ROLLOUTS, SOLUTION  # noqa: E402
+from tests.e2e.conftest import browser_type_launch_args, running_app, wait_idle  # noqa: E402,F401
 
 pytestmark = pytest.mark.timeout(900)
 
 TEXT = "The trophy did not fit in the suitcase because it was too big."
-# About 1,500 tokens: a job of a few seconds on two CPU cores, long enough to act during it.
+PROBLEM = "A train leaves at 3 pm and travels 60 miles per hour. How far has it gone by 6 pm?"
+SOLUTION = ("The train leaves at 3 pm. It arrives at 6 pm. So it travels for three hours. "
+            "Each hour it covers 60 miles. Three hours give 3 times 60 miles. That is 180 miles. "
+            "So the answer is \\boxed{180}.")
+TRACE = AnalysisRequest.make("ta_trace", "smollm2", SOLUTION, problem=PROBLEM, answer="180")
+RESAMPLING_PARAMS = {"rollouts": 2, "max_new_tokens": 12}
+RESAMPLING_LONG = AnalysisRequest.make("ta_resampling", "smollm2", SOLUTION, problem=PROBLEM,
+                                       answer="180", **RESAMPLING_PARAMS)
+# About 420 tokens: a job of seconds on two CPU cores, long enough to act during it.
 LONG_TEXT = " ".join(f"Line {i} of the ledger lists barrels of salt shipped north." for i in
-                     range(120))
+                     range(30))
 
 
 @dataclass
@@ -51,13 +61,6 @@ class RayWorker:
         between jobs."""
         handle = serve.get_deployment_handle("ModelWorker", app_name=APP_NAME)
         return sorted(handle.broadcast("info").results(), key=lambda r: r["replica"])
-
-    @staticmethod
-    def pid(replica: str) -> int:
-        """The process of a replica, from Ray's own actor table."""
-        [actor] = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-                   if a.name and a.name.endswith(f"#{replica}")]
-        return actor.pid
 
     def jobs(self) -> int:
         return sum(len(r["jobs"]) for r in self.replicas())
@@ -191,7 +194,7 @@ def test_a_replica_killed_mid_job_is_retried_on_another(ray_worker):
 
     def kill_its_replica(status) -> None:
         if not killed and status.stage.startswith("Running the model"):
-            killed.append(ray_worker.pid(status.detail["replica"]))
+            killed.append(status.detail["replica_pid"])
             os.kill(killed[0], signal.SIGKILL)
 
     aid = follow(client, AnalysisRequest.make("attention", "smollm2", LONG_TEXT),
@@ -205,17 +208,47 @@ def test_a_replica_killed_mid_job_is_retried_on_another(ray_worker):
 
 def test_a_replica_killed_during_resampling_keeps_the_saved_rollouts(ray_worker):
     client = ray_worker.client
-    killed: list[int] = []
+    trace = client.run(TRACE, timeout=300)
+    ray_worker.committed.add(trace)
+    saved = lambda: client.resampling_estimate(trace, **RESAMPLING_PARAMS)  # noqa: E731
+    ticket = client.submit(RESAMPLING_LONG)
+    deadline = time.monotonic() + 300
+    # Killed once the ingress has saved some of the rollouts (they stream in as they are
+    # sampled), while the replica samples the others.
+    while (estimate := saved())["rollouts_saved"] == 0:
+        status = client.job_status(ticket.job_id)
+        assert not status.finished and time.monotonic() < deadline, status
+        time.sleep(0.02)
+    status = client.job_status(ticket.job_id)
+    assert not status.finished, "the job ended before its replica could be killed"
+    os.kill(status.detail["replica_pid"], signal.SIGKILL)
+    aid = client.job_result(ticket.job_id, timeout=300)
+    ray_worker.committed.add(aid)
+    after = saved()
+    assert 0 < estimate["rollouts_saved"] < estimate["rollouts_total"]
+    # Every rollout is saved once: the retry sampled only the missing ones (sampling a saved
+    # one again would have failed the job on the rollout table's primary key).
+    assert after["rollouts_saved"] == after["rollouts_total"] and after["forced_to_sample"] == 0
+    assert client.analysis(aid).meta["rollouts"] == RESAMPLING_PARAMS["rollouts"]
 
-    def kill_after_the_rollouts(status) -> None:
-        # Rollouts are all saved (streamed to the ingress as they come) before this stage.
-        if not killed and status.stage.startswith("Embedding resampled sentences"):
-            killed.append(ray_worker.pid(status.detail["replica"]))
-            os.kill(killed[0], signal.SIGKILL)
 
-    aid = follow(client, RESAMPLING, on_status=kill_after_the_rollouts)
-    assert killed, "the job ended before its replica could be killed"
-    assert client.analysis(aid).meta["rollouts"] == RESAMPLING_ROLLOUTS
+def test_the_app_analyses_a_text_on_the_ray_worker(ray_worker, page, monkeypatch, tmp_path):
+    """The Streamlit app pointed at the ingress (ATLAS_WORKER_URL), in a real browser."""
+    monkeypatch.setenv("ATLAS_WORKER_URL", ray_worker.url)
+    text = "A browser session asks the cluster about this sentence."
+    with running_app(tmp_path) as app_url:  # its own cache folder stays unused: all is remote
+        page.goto(app_url)
+        wait_idle(page)
+        area = page.get_by_label("Text")
+        area.fill(text)
+        area.press("Control+Enter")
+        page.get_by_role("button", name="Analyse").click()
+        wait_idle(page)
+        expect(page).to_have_url(re.compile(r"[?&]a=[0-9a-f]{24}"), timeout=120_000)
+        expect(page.locator("[data-testid='stVegaLiteChart']").first).to_be_visible()
+        aid = parse_qs(urlparse(page.url).query)["a"][0]
+    assert ray_worker.client.analysis(aid).text == text  # computed and kept by the cluster
+    assert not (tmp_path / "atlas.duckdb").exists()
     ray_worker.committed.add(aid)
 
 
@@ -231,11 +264,10 @@ def test_every_committed_analysis_loads_after_the_service_stops(ray_worker, sett
             assert store.load(aid).text == record.text
             for name, values in arrays[aid].items():
                 np.testing.assert_array_equal(store.load_array(aid, name), values)
-        # Each rollout of the resampling (free and forced, per sentence) is saved once, though
-        # its replica was killed after sending them: the retry reused them (sampling one again
-        # would have failed the job on the rollout table's primary key).
-        pool = rollout_pool(RESAMPLING, source_fingerprint(resolve_source("smollm2", settings)))
+        # Each rollout of the resampling (free and forced, per sentence) is saved once.
+        pool = rollout_pool(RESAMPLING_LONG, source_fingerprint(resolve_source("smollm2",
+                                                                                settings)))
         rows = store.load_rollouts(pool)
-        assert len(rows) == len(split_into_chunks(SOLUTION)) * 2 * RESAMPLING_ROLLOUTS
+        assert len(rows) == len(split_into_chunks(SOLUTION)) * 2 * RESAMPLING_PARAMS["rollouts"]
     finally:
         store.close()
