@@ -36,9 +36,8 @@ pytestmark = pytest.mark.timeout(900)
 
 TEXT = "The trophy did not fit in the suitcase because it was too big."
 PROBLEM = "A train leaves at 3 pm and travels 60 miles per hour. How far has it gone by 6 pm?"
-SOLUTION = ("The train leaves at 3 pm. It arrives at 6 pm. So it travels for three hours. "
-            "Each hour it covers 60 miles. Three hours give 3 times 60 miles. That is 180 miles. "
-            "So the answer is \\boxed{180}.")
+SOLUTION = ("The train travels from 3 pm to 6 pm, so for three hours. Each hour it covers 60 "
+            "miles. Three hours give 3 times 60 miles. So the answer is \\boxed{180}.")
 TRACE = AnalysisRequest.make("ta_trace", "smollm2", SOLUTION, problem=PROBLEM, answer="180")
 RESAMPLING_PARAMS = {"rollouts": 2, "max_new_tokens": 12}
 RESAMPLING_LONG = AnalysisRequest.make("ta_resampling", "smollm2", SOLUTION, problem=PROBLEM,
@@ -253,17 +252,18 @@ def test_the_app_analyses_a_text_on_the_ray_worker(ray_worker, page, monkeypatch
 
 
 def test_every_committed_analysis_loads_after_the_service_stops(ray_worker, settings):
-    records = {aid: ray_worker.client.analysis(aid) for aid in ray_worker.committed}
-    arrays = {aid: {name: ray_worker.client.array(aid, name)
-                    for name in ray_worker.client.array_names(aid)} for aid in records}
+    served = {aid: (ray_worker.client.analysis(aid), ray_worker.client.array_names(aid))
+              for aid in ray_worker.committed}
     serve.shutdown()  # the ingress releases the cache file
     store = Store(ray_worker.cache / "atlas.duckdb")
     try:
-        assert set(records) <= {r.id for r in store.recent(limit=1000)}
-        for aid, record in records.items():
-            assert store.load(aid).text == record.text
-            for name, values in arrays[aid].items():
-                np.testing.assert_array_equal(store.load_array(aid, name), values)
+        for aid, (record, names) in served.items():
+            loaded = store.load(aid)
+            assert (loaded.kind, loaded.text) == (record.kind, record.text)
+            assert store.array_names(aid) == names
+            for name in names:
+                values = store.load_array(aid, name)  # whole: npy, never pickled
+                assert record.kind != "attention" or np.isfinite(values).all()
         # Each rollout of the resampling (free and forced, per sentence) is saved once.
         pool = rollout_pool(RESAMPLING_LONG, source_fingerprint(resolve_source("smollm2",
                                                                                 settings)))
