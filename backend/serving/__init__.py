@@ -7,3 +7,5 @@ schemas; codec: the wire format (JSON, npy, npz; never pickle); client: WorkerCl
 AtlasService's interface; run_app: `make app`, the worker and the app started and stopped
 together.
 """
+
+DEFAULT_PORT = 8600

@@ -14,12 +14,7 @@ import logging
 import os
 import sys
 
-import uvicorn
-
-from backend.errors import AtlasError
-from backend.serving.client import DEFAULT_PORT
-from backend.serving.http_api import create_app
-from backend.service import AtlasService
+from backend.serving import DEFAULT_PORT
 
 
 def is_loopback(host: str) -> bool:
@@ -45,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
               "use the models and the cache. Set ATLAS_WORKER_TOKEN (and give the app the same "
               "value), or listen on 127.0.0.1.", file=sys.stderr)
         return 2
+    import uvicorn  # only now: refusing to start should not wait for torch to load
+
+    from backend.errors import AtlasError
+    from backend.service import AtlasService
+    from backend.serving.http_api import create_app
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         service = AtlasService()

@@ -24,10 +24,9 @@ from backend.analyses import AnalysisRequest
 from backend.config import Settings
 from backend.errors import AtlasError, CacheFileError, InputError, WorkerUnavailable
 from backend.local_reductions import LocalReductions
-from backend.serving import codec
+from backend.serving import DEFAULT_PORT, codec
 from backend.serving.methods import METHODS, Method
 
-DEFAULT_PORT = 8600
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 RETRY_DELAYS_S = (0.2, 0.5, 1.0)  # about 2 s of retries before a call says the worker is down
 LONG_POLL_S = 10.0  # a wait for a job's result is split into requests of at most this long

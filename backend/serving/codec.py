@@ -163,7 +163,8 @@ def error_from(status: int, body: bytes) -> Exception:
         fields = json.loads(body)
         name, message = fields["error"], str(fields["message"])
     except (ValueError, KeyError, TypeError):
-        return AtlasError(f"The worker answered HTTP {status}: {body[:200].decode(errors='replace')}")
+        text = body[:200].decode(errors="replace")
+        return AtlasError(f"The worker answered HTTP {status}: {text}")
     cls = ERRORS.get(name, (AtlasError, status))[0]
     if issubclass(cls, CacheFileError):
         return cls(message, Path(fields.get("path", "")))
