@@ -11,8 +11,10 @@ client), then, with the worker stopped, in this process (one AtlasService shared
 threads, as Streamlit sessions share it) on the same cache file. Prints requests/s and p50/p95
 latency of both and their ratios (service / in-process). Not a timed test.
 
-`--replicas` is where the throughput of distinct attention jobs with 1 vs 2 Ray Serve replicas
-is measured (see `distinct_jobs`).
+    python -m bench.serve_bench --replicas [--jobs 12] [--job-tokens 128] [--gpus-per-replica 0]
+
+`--replicas` measures instead the throughput of distinct attention jobs on Ray Serve with 1 vs
+2 model-worker replicas (see `distinct_jobs`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 from backend.analyses import AnalysisRequest
 from backend.config import Settings
 from backend.serving.client import WorkerClient
-from tests.serving.worker_process import WorkerProcess
+from tests.serving.worker_process import WorkerProcess, free_port
 
 PARAGRAPH = ("Attention lets every token look back at the tokens before it. Each head learns its "
              "own pattern: some follow the previous word, some jump to the first token, and some "
@@ -81,9 +83,50 @@ def measure(make_service, view, clients: int, requests: int) -> dict:
 
 
 def distinct_jobs(args) -> None:
-    """Throughput of distinct attention jobs with 1 vs 2 Ray Serve replicas: to be measured
-    here once the Ray Serve deployment exists (the worker service alone has one job thread)."""
-    raise SystemExit("--replicas needs the Ray Serve deployment; not measured yet.")
+    """Throughput of distinct attention jobs (--jobs of about --job-tokens tokens each, all
+    submitted at once through the ingress's HTTP API) on Ray Serve with 1 vs 2 model-worker
+    replicas of --gpus-per-replica GPUs each (0: CPU replicas of one core each; 0.5: two sharing
+    one GPU), each on a fresh cache after a warm-up that loads the model on every replica.
+    Prints jobs/s of both and their ratio."""
+    import ray
+    from ray import serve
+
+    from backend.serving.ray_serve import APP_NAME, build_app
+
+    os.environ.setdefault("ATLAS_CONVERTED_DIR", str(Settings.from_env().converted_models_dir))
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    client = WorkerClient(f"http://127.0.0.1:{port}")
+    words = max(1, args.job_tokens // 12)
+
+    def texts(tag: str, n: int) -> list[str]:
+        return [f"Job {tag}-{i}: " + " ".join(f"The {tag} ledger {i} lists barrels of salt."
+                                            for _ in range(words)) for i in range(n)]
+
+    def run_all(batch: list[str]) -> float:
+        began = time.perf_counter()
+        tickets = [client.submit(AnalysisRequest.make("attention", "smollm2", t)) for t in batch]
+        for ticket in tickets:
+            client.job_result(ticket.job_id, timeout=1800)
+        return time.perf_counter() - began
+
+    rates = {}
+    try:
+        for replicas in (1, 2):
+            cache = tempfile.mkdtemp(prefix=f"serve-bench-ray{replicas}-")
+            serve.run(build_app(replicas, replicas, args.gpus_per_replica, 1.0,
+                                env={"ATLAS_CACHE_DIR": cache}), name=APP_NAME, route_prefix="/")
+            run_all(texts(f"warm{replicas}", 2 * replicas))  # every replica loads the model
+            wall = run_all(texts(f"run{replicas}", args.jobs))
+            rates[replicas] = args.jobs / wall
+            print(f"{replicas} replica(s): {args.jobs} distinct jobs in {wall:.1f} s, "
+                  f"{rates[replicas]:.2f} jobs/s", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(f"2 vs 1 replicas: {rates[2] / rates[1]:.2f}x the jobs/s "
+          f"({args.gpus_per_replica:g} GPU per replica)")
 
 
 def main() -> None:
@@ -93,6 +136,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20, help="per client and view")
     parser.add_argument("--replicas", action="store_true",
                         help="distinct attention jobs with 1 vs 2 Ray Serve replicas")
+    parser.add_argument("--jobs", type=int, default=12, help="with --replicas: jobs per run")
+    parser.add_argument("--job-tokens", type=int, default=128,
+                        help="with --replicas: about this many tokens per job")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0,
+                        help="with --replicas: 0 on the CPU, 0.5 for two sharing one GPU")
     args = parser.parse_args()
     if args.replicas:
         return distinct_jobs(args)

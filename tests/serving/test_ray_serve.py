@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from backend.models import resolve_source, source_fingerprint  # noqa: E402
 from backend.serving.client import WorkerClient  # noqa: E402
 from backend.serving.ray_serve import APP_NAME, build_app  # noqa: E402
 from backend.store import Store  # noqa: E402
+from tests.serving.worker_process import free_port  # noqa: E402
 from tests.e2e.conftest import browser_type_launch_args, running_app, wait_idle  # noqa: E402,F401
 
 pytestmark = pytest.mark.timeout(900)
@@ -65,17 +65,11 @@ class RayWorker:
         return sum(len(r["jobs"]) for r in self.replicas())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_worker(tmp_path_factory):
     cache = tmp_path_factory.mktemp("ray-cache")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(replicas_min=2, replicas_max=2, gpus_per_replica=0,
                         cpus_per_replica=1, env={"ATLAS_CACHE_DIR": str(cache)}),
