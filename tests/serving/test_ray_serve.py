@@ -9,6 +9,7 @@ import re
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -30,6 +31,8 @@ from tests.e2e.conftest import browser_type_launch_args, running_streamlit, wait
 from tests.serving.worker_process import free_port
 
 pytestmark = pytest.mark.timeout(900)
+
+SESSIONS = 20
 
 TEXT = "The trophy did not fit in the suitcase because it was too big."
 PROBLEM = "A train leaves at 3 pm and travels 60 miles per hour. How far has it gone by 6 pm?"
@@ -118,47 +121,38 @@ def test_an_attention_analysis_through_ray_equals_eager_attention(ray_worker, sm
     np.testing.assert_allclose(overview.values, expected, atol=1e-5)
 
 
-def _sessions(n: int, work) -> list:
-    """Run work(i) in n threads at once (each its own client: a session), their results."""
-    results: list = [None] * n
-    errors: list[BaseException] = []
-    start = threading.Barrier(n)
+def _sessions(url: str, work) -> list:
+    """work(i, own client) in SESSIONS threads released together (each a session of the app)
+    -> their results in order."""
+    clients = [WorkerClient(url) for _ in range(SESSIONS)]
+    start = threading.Barrier(SESSIONS)
 
-    def session(i: int) -> None:
-        try:
-            start.wait()
-            results[i] = work(i)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    assert not errors, errors
-    return results
+    def session(i: int):
+        start.wait()
+        return work(i, clients[i])
+    with ThreadPoolExecutor(SESSIONS) as pool:
+        return list(pool.map(session, range(SESSIONS)))
 
 
 def test_twenty_identical_requests_compute_once_across_replicas(ray_worker):
     request = AnalysisRequest.make("attention", "smollm2", "Twenty students ask the same thing.")
     before = ray_worker.jobs()
-    ids = _sessions(20, lambda i: follow(WorkerClient(ray_worker.url), request))
+    ids = _sessions(ray_worker.url, lambda i, own: follow(own, request))
     assert len(set(ids)) == 1
     ray_worker.committed.update(ids)
     assert ray_worker.jobs() == before + 1  # one compute on one replica, for all twenty
 
 
 def test_twenty_distinct_requests_all_complete_on_both_replicas(ray_worker):
-    texts = [f"Student {i} asks about the word number {i}." for i in range(20)]
+    texts = [f"Student {i} asks about the word number {i}." for i in range(SESSIONS)]
     before = {r["replica"]: len(r["jobs"]) for r in ray_worker.replicas()}
-    ids = _sessions(20, lambda i: follow(WorkerClient(ray_worker.url),
-                                         AnalysisRequest.make("attention", "smollm2", texts[i])))
-    assert len(set(ids)) == 20
+    ids = _sessions(ray_worker.url, lambda i, own: follow(
+        own, AnalysisRequest.make("attention", "smollm2", texts[i])))
+    assert len(set(ids)) == SESSIONS
     ray_worker.committed.update(ids)
     assert [ray_worker.client.analysis(aid).text for aid in ids] == texts  # none lost or mixed
     after = {r["replica"]: len(r["jobs"]) for r in ray_worker.replicas()}
-    assert sum(after.values()) - sum(before.values()) == 20
+    assert sum(after.values()) - sum(before.values()) == SESSIONS
     assert all(after[r] > before[r] for r in after), (before, after)  # both replicas computed
     assert all(r["models"] == ["smollm2"] for r in ray_worker.replicas())
 
