@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import threading
+from collections import deque
 from contextlib import contextmanager
 
 import ray
@@ -73,7 +74,7 @@ class ModelWorker:
     def __init__(self):
         self.worker = Worker(Settings.from_env(), max_models=MODELS_PER_REPLICA)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.jobs: list[str] = []  # job ids, oldest first
+        self.jobs: deque[str] = deque(maxlen=128)  # the latest job ids, oldest first
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def model(self, multiplexed_id: str) -> LoadedModel:
@@ -142,7 +143,8 @@ class ModelWorker:
         return event
 
     def info(self) -> dict:
-        """This replica: id, process id, models held, and its jobs' states (oldest first)."""
+        """This replica: id, process id, models held, and its latest jobs' states (oldest
+        first)."""
         return {"replica": self.replica, "pid": os.getpid(),
                 "models": self.worker.models.references(),
                 "jobs": [self.worker.status(j).state for j in self.jobs]}

@@ -22,6 +22,7 @@ from playwright.sync_api import expect
 from ray import serve
 
 from backend.analyses import AnalysisRequest
+from backend.errors import AtlasError
 from backend.methods.hooks import attention_implementation
 from backend.serving.client import WorkerClient
 from backend.serving.ray_serve import APP_NAME, build_app
@@ -239,6 +240,22 @@ def test_the_app_analyses_a_text_on_the_ray_worker(ray_worker, page):
     assert ray_worker.client.analysis(aid).text == text  # computed and kept by the cluster
     assert not (ray_worker.cache / "client" / "atlas.duckdb").exists()  # all of it is remote
     ray_worker.committed.add(aid)
+
+
+def test_a_job_whose_replicas_die_twice_fails_with_a_message(ray_worker):
+    killed: list[int] = []
+
+    def kill_each_replica(status) -> None:
+        pid = status.detail.get("replica_pid")
+        if pid not in killed and len(killed) < 2 and status.stage.startswith("Running the model"):
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(AtlasError, match="stopped, twice") as error:
+        follow(ray_worker.client, AnalysisRequest.make("attention", "smollm2",
+                                                       LONG_TEXT + " Twice."),
+               on_status=kill_each_replica)
+    assert len(killed) == 2 and "submit it again" in str(error.value)
 
 
 def test_every_committed_analysis_loads_after_the_service_stops(ray_worker):
