@@ -5,7 +5,8 @@
 One cached SmolLM2 attention analysis (about --tokens tokens) on a fresh cache. Two views of it:
 a 256 x 256 `attention_matrix` tile of one head (recomputed from query and key at each request)
 and the whole-input `attention_overview` of a layer's head mean (from the stored overview).
-Each client is a thread doing --requests requests of a view, over layers and heads in turn.
+Each client is a thread doing --requests requests of a view, over layers and heads in turn,
+after one warm-up pass over every layer and head.
 First through the real worker service (`python -m backend.serving`, one WorkerClient per
 client), then, with the worker stopped, in this process (one AtlasService shared by the
 threads, as Streamlit sessions share it) on the same cache file. Prints requests/s and p50/p95
@@ -52,6 +53,12 @@ def views(aid: str, n_tokens: int) -> dict:
     }
 
 
+def warm(service, view) -> None:
+    """Every layer and head of a view once: what the service keeps in memory is loaded."""
+    for i in range(30 * 9):
+        view(service, i)
+
+
 def measure(make_service, view, clients: int, requests: int) -> dict:
     """requests/s over all clients and p50/p95 latency (ms) of one view."""
     latencies: list[float] = []
@@ -60,7 +67,7 @@ def measure(make_service, view, clients: int, requests: int) -> dict:
 
     def client(c: int) -> None:
         service = make_service()
-        view(service, c)  # warm: a connection, the layer in memory
+        view(service, c)  # warm: its connection
         start.wait()
         own = []
         for r in range(requests):
@@ -156,6 +163,7 @@ def main() -> None:
         n_tokens = len(client.analysis(aid).meta["tokens"])
         print(f"SmolLM2, {n_tokens} tokens, cached; {args.requests} requests per client and view")
         for name, view in views(aid, n_tokens).items():
+            warm(client, view)
             for clients in args.clients:
                 results[name, clients] = {"service": measure(
                     lambda: WorkerClient(worker.url), view, clients, args.requests)}
@@ -166,6 +174,7 @@ def main() -> None:
     service = AtlasService(replace(Settings.from_env(), cache_dir=cache))
     try:
         for name, view in views(aid, n_tokens).items():
+            warm(service, view)
             for clients in args.clients:
                 results[name, clients]["in-process"] = measure(lambda: service, view, clients,
                                                                args.requests)

@@ -24,10 +24,14 @@ import pytest
 import torch
 
 from backend.analyses import AnalysisRequest
+from backend.api import Atlas
 from backend.errors import (AtlasError, InputError, JobInterrupted, NotFoundError,
                             WorkerUnavailable)
 from backend.methods.binning import bin_matrix
+from backend.local_reductions import LocalReductions
+from backend.service import AtlasService
 from backend.serving.client import WorkerClient
+from backend.serving.methods import EXPORTED
 from tests.serving.worker_process import WorkerProcess
 
 TOKEN = "a-shared-token-for-tests"
@@ -78,6 +82,20 @@ def _post(url: str, method: str, body, token: str | None = TOKEN):
         return e.code, e.headers["Content-Type"], e.read()
 
 
+# What stays in the worker (objects, not results) and the whole (layer, head, T, T) tensor.
+NOT_EXPORTED = {"maps", "attention", "ready", "close"}
+
+
+def test_every_public_service_method_is_exported_or_local():
+    public = {name for name in dir(AtlasService) if not name.startswith("_")
+              and callable(getattr(AtlasService, name))}
+    local = {name for name in dir(LocalReductions) if not name.startswith("_")}
+    assert public - set(EXPORTED) - local - NOT_EXPORTED - {"run", "job_result"} == set()
+    assert set(EXPORTED) | local <= set(dir(WorkerClient))
+    for name in ("run", "job_result", "ready", "close"):  # written out in the client
+        assert name in vars(WorkerClient)
+
+
 # --- results over HTTP ------------------------------------------------------------------------
 
 def test_views_over_http_equal_eager_attention(client, analysed, eager):
@@ -123,6 +141,16 @@ def test_jobs_tickets_arrays_and_reductions_over_http(client, analysed):
     matrix = client.attention_matrix(analysed, 0, None)
     np.testing.assert_allclose(client.without_first_token(matrix[5:]).sum(-1), 1, atol=1e-5)
     assert client.settings.max_tokens > 0 and client.rollout_engines()[0]["name"] == "embedded"
+
+
+def test_the_notebook_api_through_the_worker(worker, analysed, eager):
+    with Atlas(worker_url=worker.url, worker_token=TOKEN, progress=False) as atlas:
+        result = atlas.attention("smollm2", TEXT)
+        assert result.id == analysed and result.n_layers == 30
+        np.testing.assert_allclose(result.matrix(13, head=8), eager[13, 8], atol=1e-5)
+        assert atlas.load(analysed).text == TEXT
+    with pytest.raises(InputError, match="either worker_url or settings"):
+        Atlas(worker_url=worker.url, cache_dir="elsewhere")
 
 
 def test_refusals_carry_the_services_own_messages(client, service, analysed):
