@@ -28,6 +28,7 @@ import signal
 import threading
 from collections import deque
 from contextlib import contextmanager
+from dataclasses import replace
 
 import ray
 from ray import serve
@@ -134,12 +135,9 @@ class ModelWorker:
         its stage's own time-left estimate."""
         if "status" in event:
             status = event["status"]
-            event = {"status": JobStatus(status.id, status.state, status.fraction, status.stage,
-                                         status.elapsed_s, status.eta_s, status.error,
-                                         status.stage_elapsed_s,
-                                         {**status.detail, "eta_s": status.eta_s,
-                                          "replica": self.replica,
-                                          "replica_pid": os.getpid()})}
+            event = {"status": replace(status, detail={
+                **status.detail, "eta_s": status.eta_s, "replica": self.replica,
+                "replica_pid": os.getpid()})}
         return event
 
     def info(self) -> dict:
@@ -242,16 +240,18 @@ def build_app(replicas_min: int = 1, replicas_max: int = 1, gpus_per_replica: fl
     variables for every replica (default: the ATLAS_* and hub settings of this process)."""
     if not 0 <= replicas_min <= replicas_max or replicas_max < 1:
         raise ValueError("Replicas: need 0 <= minimum <= maximum and a maximum of at least 1.")
-    runtime_env = {"env_vars": {**_passed_env(), **(env or {})}}
+    env_vars = {**_passed_env(), **(env or {})}
+    # Ray gives each GPU replica its device (CUDA_VISIBLE_DEVICES): "cuda" is that one.
+    device = {"ATLAS_DEVICE": "cuda" if gpus_per_replica > 0 else "cpu"}
     scaling = ({"num_replicas": replicas_max} if replicas_min == replicas_max else
                {"autoscaling_config": {"min_replicas": replicas_min,
                                        "max_replicas": replicas_max,
                                        "target_ongoing_requests": 1}})
     worker = ModelWorker.options(
         ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica,
-                           "runtime_env": runtime_env}, **scaling)
+                           "runtime_env": {"env_vars": {**env_vars, **device}}}, **scaling)
     ingress = Ingress.options(ray_actor_options={
-        "num_cpus": 0, "runtime_env": runtime_env,
+        "num_cpus": 0, "runtime_env": {"env_vars": env_vars},
         "resources": {"node:__internal_head__": 0.001}})  # the cache file is on the head node
     return ingress.bind(worker.bind(), JOBS_PER_REPLICA * replicas_max, token)
 
