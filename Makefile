@@ -1,6 +1,7 @@
 # The two commands of the README: `make app` and `make test`. Both install what they need.
 PY ?= python3
 PORT ?= 8501
+WORKER_PORT ?= 8600
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: setup prepare browser app test bench
@@ -24,8 +25,10 @@ prepare: setup
 browser:
 	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 
+# The worker service and the app together (Ctrl-C stops both); with ATLAS_WORKER_URL set,
+# only the app, as a client of that worker.
 app: prepare
-	$(PY) -m streamlit run app.py --server.port $(PORT)
+	$(PY) -m backend.serving.run_app --port $(PORT) --worker-port $(WORKER_PORT)
 
 test: prepare browser
 	$(PY) -m pytest

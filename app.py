@@ -54,6 +54,7 @@ def sidebar() -> None:
 st.set_page_config(page_title="Attention Atlas", page_icon=":material/visibility:",
                    layout="wide")
 navigation = st.navigation([shared.page(name) for name in shared.PAGES])
-sidebar()
-shared.job_panel()
-navigation.run()
+with shared.worker_guard():
+    sidebar()
+    shared.job_panel()
+    navigation.run()

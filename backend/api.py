@@ -10,7 +10,8 @@
 
 Results are cached exactly as the app caches them, so an analysis computed here opens instantly
 in the app (and the other way round) when both use the same cache folder. DuckDB lets one process
-write a cache file: while the app runs, give the notebook its own `cache_dir`.
+write a cache file: while the app runs, go through its worker service
+(`Atlas(worker_url="http://127.0.0.1:8600")`) or give the notebook its own `cache_dir`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from backend.analyses.thought_anchors import ReceiversResult, ResamplingResult, 
 from backend.config import Settings
 from backend.errors import InputError
 from backend.service import AtlasService
+from backend.serving.client import WorkerClient
 
 DEFAULT_APP_URL = "http://localhost:8501"
 # The query parameter that carries a view's analysis id (the app's links use the same names).
@@ -45,7 +47,8 @@ class AttentionResult(Result):
     """An attention analysis: tokens, shape, and exact weights recomputed on demand (its stored
     arrays load one at a time, by name)."""
 
-    service: AtlasService = field(repr=False, compare=False, metadata={"array": False})
+    service: AtlasService | WorkerClient = field(repr=False, compare=False,
+                                                 metadata={"array": False})
 
     @property
     def names(self) -> list[str]:
@@ -102,15 +105,25 @@ class AttentionResult(Result):
 
 
 class Atlas:
-    """One service (store, worker, models) for a notebook; close() it, or use `with`."""
+    """One service for a notebook: in this process (store, worker, models), or a running worker
+    service at `worker_url` (token: `worker_token`, default ATLAS_WORKER_TOKEN). close() it, or
+    use `with`."""
 
     def __init__(self, settings: Settings | None = None, *, cache_dir: str | None = None,
+                 worker_url: str | None = None, worker_token: str | None = None,
                  app_url: str | None = None, progress: bool = True):
-        settings = settings or Settings.from_env()
-        if cache_dir is not None:  # converted models stay shared: they depend on weights only
-            settings = replace(settings, cache_dir=Path(cache_dir).expanduser().resolve(),
-                               converted_dir=settings.converted_models_dir)
-        self.service = AtlasService(settings)
+        if worker_url is not None:
+            if settings is not None or cache_dir is not None:
+                raise InputError("A worker service has its own settings and cache: give "
+                                 "either worker_url or settings / cache_dir.")
+            token = worker_token or os.environ.get("ATLAS_WORKER_TOKEN") or None
+            self.service = WorkerClient(worker_url, token)
+        else:
+            settings = settings or Settings.from_env()
+            if cache_dir is not None:  # converted models stay shared: they depend on weights
+                settings = replace(settings, cache_dir=Path(cache_dir).expanduser().resolve(),
+                                   converted_dir=settings.converted_models_dir)
+            self.service = AtlasService(settings)
         self.app_url = (app_url or os.environ.get("ATLAS_APP_URL") or DEFAULT_APP_URL).rstrip("/")
         self.progress = progress
 
@@ -121,8 +134,7 @@ class Atlas:
         self.close()
 
     def close(self) -> None:
-        self.service.worker.shutdown()
-        self.service.store.close()
+        self.service.close()
 
     # --- any kind -------------------------------------------------------------------------
     def analysis(self, kind: str, model: str, text: str, timeout: float | None = None,

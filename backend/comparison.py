@@ -13,8 +13,7 @@ import numpy as np
 from backend.errors import InputError
 from backend.methods.alignment import (SPANS, TOKENS, WORDS, Alignment, Side, align,
                                        aligned_attention, unit_spans)
-from backend.methods.comparison import (matching_layer, mean_row_divergence,
-                                        row_divergence_sums, spearman)
+from backend.methods.comparison import mean_row_divergence, row_divergence_sums
 
 
 class Comparisons:
@@ -53,21 +52,6 @@ class Comparisons:
     def aligned_rollout(self, aid: str, membership: np.ndarray) -> np.ndarray:
         """(unit, unit) attention rollout after the last layer (mean fusion), on aligned units."""
         return aligned_attention(self.rollout(aid)[-1], membership)
-
-    @staticmethod
-    def divergence(a: np.ndarray, b: np.ndarray) -> float:
-        """Mean Jensen-Shannon divergence (bits) between the rows of two aligned maps."""
-        return float(mean_row_divergence(a, b))
-
-    @staticmethod
-    def matching_layer(layer: int, n_layers: int, n_layers_other: int) -> int:
-        """The other model's layer at the same relative depth."""
-        return matching_layer(layer, n_layers, n_layers_other)
-
-    @staticmethod
-    def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-        """Spearman correlation of two score arrays (e.g. head importance of two inputs)."""
-        return spearman(a, b)
 
     def head_divergence(self, aid_a: str, aid_b: str, level: str) -> np.ndarray:
         """(layer, head) mean Jensen-Shannon divergence between the two sides' aligned attention
@@ -112,9 +96,3 @@ class Comparisons:
                 weights = maps.weights(other, rows, whole).cpu().numpy()
                 totals[other] += row_divergence_sums(weights, reference)
         return totals / maps.n_tokens
-    @staticmethod
-    def top_cells(values: np.ndarray, k: int) -> list[tuple[int, int, float]]:
-        """The k largest cells of a (row, column) grid: (row, column, value), largest first."""
-        order = np.argsort(values, axis=None)[::-1][:k]
-        return [(int(r), int(c), float(values[r, c]))
-                for r, c in zip(*np.unravel_index(order, values.shape))]

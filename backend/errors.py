@@ -39,3 +39,11 @@ class CacheInUseError(CacheFileError):
 
 class CorruptCacheError(CacheFileError):
     """The cache file is truncated or not a DuckDB database: it can be moved aside."""
+
+
+class JobInterrupted(NotFoundError):
+    """A job the worker no longer knows because it restarted since the job was submitted."""
+
+
+class WorkerUnavailable(AtlasError):
+    """The worker service does not answer (stopped, restarting or unreachable)."""

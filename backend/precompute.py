@@ -2,10 +2,11 @@
 
     python -m backend.precompute [lessons folder]      (default: the app's lessons folder)
 
-Results go to the app's cache (ATLAS_CACHE_DIR); run it while the app is stopped, since DuckDB
-lets one process use a cache file at a time, or press "Prepare every lesson" in the running app
-(`Preparation`). Analyses already cached are skipped, so running it again is cheap and resumes an
-interrupted run.
+Results go to the app's cache. While the app runs (`make app`), the jobs go through its worker
+service, the only process that writes the cache file (ATLAS_WORKER_URL, or the default local
+worker when it answers and serves ATLAS_CACHE_DIR); otherwise the command opens ATLAS_CACHE_DIR
+itself. "Prepare every lesson" in the running app does the same (`Preparation`). Analyses already
+cached are skipped, so running it again is cheap and resumes an interrupted run.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from backend.config import Settings
 from backend.errors import AtlasError
 from backend.lessons import LessonSet, read_lessons, step_requests
 from backend.service import AtlasService
+from backend.serving.client import WorkerClient, running_worker
 
 POLL_S = 0.5
 
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the lessons folder (default: ATLAS_LESSONS_DIR or ./lessons)")
     args = parser.parse_args(argv)
     try:
-        service = AtlasService()
+        service = running_worker(Settings.from_env()) or AtlasService()
     except AtlasError as e:
         print(e, file=sys.stderr)
         return 2
@@ -114,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, error in lessons.errors.items():
         print(f"Skipped {name}: {error}", file=sys.stderr)
     steps = sum(len(lesson.steps) for lesson in lessons.lessons)
-    print(f"{len(lessons.lessons)} lessons, {steps} steps, into {service.settings.cache_dir}")
+    where = f"through the worker at {service.url}" if isinstance(service, WorkerClient) else \
+        "in this process"
+    print(f"{len(lessons.lessons)} lessons, {steps} steps, into {service.settings.cache_dir} "
+          f"({where})")
     started = time.monotonic()
     with tqdm(total=steps, unit="step") as bar:
         report = precompute(lessons, service, bar)
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['cached']} already cached.")
     for where, error in report["failed"].items():
         print(f"Failed: {where}: {error}", file=sys.stderr)
-    service.worker.shutdown()
+    service.close()
     return 1 if report["failed"] or lessons.errors else 0
 
 

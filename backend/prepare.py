@@ -4,8 +4,9 @@ the app's first chart needs no conversion and no model run.
     python -m backend.prepare            (`make app` and `make test` run it)
 
 Converted models go to ATLAS_CONVERTED_DIR (default cache/models), the examples' analyses to the
-app's cache (ATLAS_CACHE_DIR). Both are skipped when already there, so a second run takes about
-a second. Run it while the app is stopped: DuckDB lets one process use a cache file at a time.
+app's cache (ATLAS_CACHE_DIR), through the worker service when one runs (ATLAS_WORKER_URL, or
+the default local worker on that cache), else in this process. Both are skipped when already
+there, so a second run takes about a second.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def convert_packaged_models(settings: Settings) -> None:
 def cache_examples() -> None:
     """The sidebar's examples analysed into the app's cache (the app opens on the first)."""
     from backend.service import AtlasService  # opens the cache: only once models are ready
+    from backend.serving.client import running_worker
 
-    service = AtlasService()
+    service = running_worker(Settings.from_env()) or AtlasService()
     try:
         for name, (model, text) in EXAMPLES.items():
             ticket = service.submit(AnalysisRequest.make("attention", model, text))
@@ -62,8 +64,7 @@ def cache_examples() -> None:
                 service.job_result(ticket.job_id)  # raises the job's error
                 bar.n = 1.0
     finally:
-        service.worker.shutdown()
-        service.store.close()
+        service.close()
 
 
 def main() -> int:

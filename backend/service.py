@@ -14,6 +14,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,12 +31,12 @@ from backend.errors import InputError
 from backend.examples import PUBLISHED_EXAMPLE
 from backend.inputs import check_strings, check_text, check_upload
 from backend.memory import BoundedCache
-from backend.methods.binning import BinnedMatrix, bin_edges, bin_matrix
+from backend.local_reductions import LocalReductions
+from backend.methods.binning import BinnedMatrix, bin_edges
 from backend.methods.exact import check_window
 from backend.methods.rollout import (attention_rollout, exclude_first_token, fuse_heads,
                                      target_rollout_rows)
 from backend.methods.thought_anchors.answers import answers_match, extract_boxed_answer
-from backend.methods.thought_anchors.graph import incoming, top_links
 from backend.methods.thought_anchors.published import (read_published_trace,
                                                        write_published_trace)
 from backend.models import resolve_source, source_fingerprint
@@ -53,15 +54,33 @@ class Ticket:
     job_id: str | None = None
 
 
-class AtlasService(Comparisons):
+# Where a job's compute runs: (ctx, request, analysis id, store) -> (record, {name: array}).
+Executor = Callable[[JobContext, AnalysisRequest, str, Store],
+                    tuple[AnalysisRecord, dict[str, np.ndarray]]]
+
+
+class AtlasService(Comparisons, LocalReductions):
     def __init__(self, settings: Settings | None = None, store: Store | None = None,
-                 worker: Worker | None = None):
+                 worker: Worker | None = None, executor: Executor | None = None):
         self.settings = settings or Settings.from_env()
         self.store = store or Store(self.settings.database_path,
                                      self.settings.store_memory_bytes)
         self.worker = worker or Worker(self.settings)
+        # In this process by default, or on model-worker replicas (backend.serving.ray_serve);
+        # either way the result is saved here, by the cache's only writer.
+        self.executor: Executor = executor or analyses.compute
         self.memory = BoundedCache(self.settings.memory_budget_bytes)
         self.device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def ready(self) -> bool:
+        """Whether requests can be served: the cache file answers and the worker runs jobs."""
+        self.store.has("")
+        return self.worker.alive
+
+    def close(self) -> None:
+        """Stop the worker (after its current job) and release the cache file."""
+        self.worker.shutdown()
+        self.store.close()
 
     # --- requests -------------------------------------------------------------------------
     def submit(self, request: AnalysisRequest) -> Ticket:
@@ -78,7 +97,7 @@ class AtlasService(Comparisons):
 
     def _compute(self, ctx: JobContext, request: AnalysisRequest, aid: str) -> str:
         if not self.store.has(aid):  # an identical job may have finished while this one queued
-            record, arrays = analyses.compute(ctx, request, aid, self.store)
+            record, arrays = self.executor(ctx, request, aid, self.store)
             ctx.progress(0.85, "Saving to the cache")
             self.store.save(record, arrays)
         return aid
@@ -163,18 +182,6 @@ class AtlasService(Comparisons):
         else:
             sentences = []
         return Counter(sentences).most_common(limit)
-
-    @staticmethod
-    def top_links(matrix: np.ndarray, per_source: int) -> list[tuple[int, int, float]]:
-        """Strongest links of a (source, target) sentence matrix (see methods.thought_anchors)."""
-        return top_links(matrix, per_source)
-
-    @staticmethod
-    def strongest_links(matrix: np.ndarray, sentence: int, direction: str,
-                        limit: int) -> list[tuple[int, float]]:
-        """(other sentence, value) linked to `sentence`: "incoming" (what affects it) or
-        "outgoing" (what it affects), strongest first."""
-        return incoming(matrix if direction == "incoming" else matrix.T, sentence, limit)
 
     # --- rollout engines (Thought Anchors resampling) ---------------------------------------
     def rollout_engines(self) -> list[dict]:
@@ -334,16 +341,6 @@ class AtlasService(Comparisons):
         stats = self.maps(aid).statistics()
         return {"entropy": stats["entropy"], "sink": stats["first_token"],
                 "previous_token": stats["previous_token"], "diagonal": stats["self"]}
-
-    @staticmethod
-    def bin(matrix: np.ndarray, bins: int) -> BinnedMatrix:
-        """Any (query, key) matrix pooled for an overview (see attention_overview)."""
-        return bin_matrix(matrix, bins)
-
-    @staticmethod
-    def without_first_token(scores: np.ndarray) -> np.ndarray:
-        """(..., key) scores without key 0, renormalised to sum 1 (attention-sink view)."""
-        return exclude_first_token(scores)
 
     def head_thumbnails(self, aid: str, size: int) -> np.ndarray:
         """(layer, head, size', size') every head's attention pooled to at most size x size,

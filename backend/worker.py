@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -21,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from backend.config import Settings
-from backend.errors import AtlasError, JobCancelled
+from backend.errors import AtlasError, JobCancelled, JobInterrupted, NotFoundError
 from backend.models import LoadedModel, load_model, resolve_source, source_fingerprint
 from backend.progress import Progress
 
@@ -151,6 +152,10 @@ class ModelPool:
         self.settings, self.capacity = settings, capacity
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
 
+    def references(self) -> list[str]:
+        """The loaded models' references, least recently used first."""
+        return list(self._models)
+
     def get(self, ref: str, progress: Progress) -> LoadedModel:
         source = resolve_source(ref, self.settings)
         if ref in self._models and self._models[ref].fingerprint == source_fingerprint(source):
@@ -195,22 +200,28 @@ class _Job:
 
 
 class Worker:
-    """Runs jobs one at a time on one device. Submitting a key already queued or running returns
-    that job, so identical concurrent requests compute once."""
+    """Runs jobs one at a time on one device (or `parallel` at a time where jobs only wait on
+    compute elsewhere, as on a Ray Serve ingress). Submitting a key already queued or running
+    returns that job, so identical concurrent requests compute once. Job ids begin with the
+    worker's own run id, so a job of an earlier run (before a restart) is told from a mistyped
+    one."""
 
     def __init__(self, settings: Settings, max_models: int = 2, history: int = 256,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, parallel: int = 1):
         self.settings, self.clock = settings, clock
         self._listeners: list[Callable[[JobStatus], None]] = []
         self.models = ModelPool(settings, max_models)
         self._jobs: OrderedDict[str, _Job] = OrderedDict()  # by job id, oldest first
         self._active: dict[str, _Job] = {}  # latest job of each key
         self._serial = itertools.count()
+        self.run_id = secrets.token_hex(4)
         self._history = history
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="atlas-worker", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"atlas-worker-{i}", daemon=True)
+                         for i in range(parallel)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, key: str, fn: Callable[[JobContext], Any]) -> str:
         """Queue `fn` under `key` (what makes two requests the same); returns the job id."""
@@ -218,7 +229,8 @@ class Worker:
             job = self._active.get(key)
             if job is not None and not job.done.is_set() and not job.cancel_requested.is_set():
                 return job.id
-            job_id = hashlib.sha256(f"{key}\n{next(self._serial)}".encode()).hexdigest()[:16]
+            serial = hashlib.sha256(f"{key}\n{next(self._serial)}".encode()).hexdigest()[:12]
+            job_id = f"{self.run_id}{serial}"
             job = self._active[key] = self._jobs[job_id] = _Job(job_id, fn, self.clock)
             while len(self._jobs) > self._history:
                 oldest = next(iter(self._jobs.values()))
@@ -231,7 +243,9 @@ class Worker:
     def _job(self, job_id: str) -> _Job:
         with self._lock:
             if job_id not in self._jobs:
-                raise KeyError(f"Unknown job '{job_id}'.")
+                if not job_id.startswith(self.run_id):
+                    raise JobInterrupted("The worker restarted; the analysis was interrupted.")
+                raise NotFoundError(f"Unknown job '{job_id}'.")
             return self._jobs[job_id]
 
     def status(self, job_id: str) -> JobStatus:
@@ -261,9 +275,16 @@ class Worker:
     def cancel(self, job_id: str) -> None:
         self._job(job_id).cancel_requested.set()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker's threads run jobs (False after shutdown)."""
+        return all(thread.is_alive() for thread in self._threads)
+
     def shutdown(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:

@@ -33,7 +33,8 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from tests.e2e.conftest import CHROMIUM, _free_port, wait_idle
+from tests.e2e.conftest import CHROMIUM, wait_idle
+from tests.serving.worker_process import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PARAGRAPH = ("Attention lets every token look back at the tokens before it. Each head learns its "
@@ -65,7 +66,7 @@ def prepare(cache: str, lengths: list[int]) -> dict[int, str]:
 
 class Server:
     def __init__(self, cache: str):
-        self.port = _free_port()
+        self.port = free_port()
         env = {**os.environ, "ATLAS_CACHE_DIR": cache, "HF_HUB_OFFLINE": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",

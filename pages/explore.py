@@ -189,7 +189,7 @@ def _token_view(record, layer: int, head, no_sink: bool, queries, keys, labels) 
     return token
 
 
-@st.fragment
+@shared.fragment
 def explore(record) -> None:
     meta, aid, labels = record.meta, record.id, record.meta["tokens"]
     n = len(labels)

@@ -204,7 +204,7 @@ def pruning_section(record, jobs: InTurn) -> dict:
             "loss": meta["loss"]}
 
 
-@st.fragment
+@shared.fragment
 def pruning_and_export(record, jobs: InTurn, head_scores: pd.DataFrame, score: str,
                        link: dict | None) -> None:
     """The pruning curve with the downloads and the share link: its two controls rerun only

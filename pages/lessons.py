@@ -67,7 +67,7 @@ def _preparations() -> dict[str, Preparation]:
     return {}
 
 
-@st.fragment(run_every=1.0)
+@shared.fragment(run_every=1.0)
 def _preparation_progress(preparation: Preparation) -> None:
     if preparation.running:
         fraction = preparation.done / max(preparation.total, 1)

@@ -68,7 +68,7 @@ def scores_view(record, rows: dict, target: int, no_sink: bool) -> None:
                 st.altair_chart(attention_bars(row, shown_labels, offset, name, target))
 
 
-@st.fragment
+@shared.fragment
 def rollout_view(record) -> None:
     meta, aid, labels = record.meta, record.id, record.meta["tokens"]
     n = len(labels)

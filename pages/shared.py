@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import runpy
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -12,9 +14,11 @@ import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 from backend.analyses import AnalysisRequest
-from backend.errors import AtlasError, CacheFileError, InputError
+from backend.errors import (AtlasError, CacheFileError, InputError, JobInterrupted,
+                            WorkerUnavailable)
 from backend.models import PACKAGED
 from backend.service import AtlasService
+from backend.serving.client import WorkerClient, worker_from_env
 from backend.store import AnalysisRecord
 from backend.worker import JobStatus
 from pages import cache_recovery, kind_views, view_state
@@ -48,19 +52,54 @@ def page(name: str) -> st.Page:
                    default=name == next(iter(PAGES)))
 
 
+UNAVAILABLE = "The worker is unavailable, retrying…"
+INTERRUPTED = "The worker restarted; the analysis was interrupted. It has been started again."
+
+
 @st.cache_resource
-def _service() -> AtlasService:
-    return AtlasService()
+def _service() -> AtlasService | WorkerClient:
+    return worker_from_env() or AtlasService()
 
 
-def service() -> AtlasService:
-    """One service (store connection, worker, model pool) for all sessions of this server; if
-    the cache file cannot be opened, the page says why and offers what can be done."""
+def service() -> AtlasService | WorkerClient:
+    """One service for all sessions of this server: the worker service's client when
+    ATLAS_WORKER_URL is set, else the service in this process (store connection, worker, model
+    pool); if the cache file cannot be opened, the page says why and offers what can be done."""
     try:
         return _service()
     except CacheFileError as e:  # not cached: the next run tries again
         cache_recovery.show(e)
         st.stop()
+
+
+@st.fragment(run_every=2.0)
+def _retry_worker() -> None:
+    if service().ready():
+        st.rerun(scope="app")
+
+
+@contextmanager
+def worker_guard():
+    """Around a run (the app's, or a fragment's): a worker that does not answer shows
+    UNAVAILABLE, not a traceback, and the page reruns by itself once the worker is back."""
+    try:
+        yield
+    except WorkerUnavailable as e:
+        st.warning(UNAVAILABLE, icon=":material/sync_problem:")
+        st.caption(plain(str(e)))
+        _retry_worker()
+        st.stop()
+
+
+def fragment(function=None, *, run_every: float | None = None):
+    """st.fragment, with the worker_guard around each of its own reruns."""
+    def decorate(function):
+        @functools.wraps(function)
+        def guarded(*args, **kwargs):
+            with worker_guard():
+                return function(*args, **kwargs)
+        return st.fragment(guarded, run_every=run_every)
+    return decorate(function) if function is not None else decorate
 
 
 def current_analysis_id() -> str | None:
@@ -83,6 +122,8 @@ def submit(request: AnalysisRequest) -> None:
     """Open the result if cached, else start its job; errors show in the sidebar."""
     try:
         ticket = service().submit(request)
+    except WorkerUnavailable:
+        raise
     except AtlasError as e:
         st.session_state["submit_error"] = str(e)
         return
@@ -92,6 +133,7 @@ def submit(request: AnalysisRequest) -> None:
         open_analysis(ticket.analysis_id)
     else:
         st.session_state["job_id"] = ticket.job_id
+        st.session_state["job_request"] = request  # to start it again if the worker restarts
 
 
 def _show_progress(status: JobStatus, label: str = "") -> None:
@@ -102,9 +144,19 @@ def _show_progress(status: JobStatus, label: str = "") -> None:
         service().cancel(status.id)
 
 
-@st.fragment(run_every=0.7)
+@fragment(run_every=0.7)
 def _job_progress(job_id: str) -> None:
-    status = service().job_status(job_id)
+    try:
+        status = service().job_status(job_id)
+    except JobInterrupted as e:
+        del st.session_state["job_id"]
+        request = st.session_state.pop("job_request", None)
+        if request is None:
+            st.session_state["submit_error"] = str(e)
+        else:  # resampling resumes from its saved rollouts
+            st.session_state["job_note"] = INTERRUPTED
+            submit(request)
+        st.rerun(scope="app")
     if not status.finished:
         _show_progress(status)
         return
@@ -120,14 +172,20 @@ def job_panel() -> None:
     """Progress of this session's running job (polls without rerunning the page)."""
     if "job_id" in st.session_state:
         with st.container(border=True):
+            if "job_note" in st.session_state:
+                st.info(st.session_state.pop("job_note"))
             _job_progress(st.session_state["job_id"])
     if st.session_state.get("submit_error"):
         st.error(plain(st.session_state["submit_error"]))  # messages may quote user input
 
 
-@st.fragment(run_every=0.7)
+@fragment(run_every=0.7)
 def _derived_progress(job_id: str, label: str, key: str) -> None:
-    status = service().job_status(job_id)
+    try:
+        status = service().job_status(job_id)
+    except JobInterrupted:  # the page submits the request again when it reruns
+        st.session_state.setdefault("job_notes", {})[key] = INTERRUPTED
+        st.rerun(scope="app")
     if not status.finished:
         _show_progress(status, f"{label}: ")
         return
@@ -149,13 +207,18 @@ def derived(request: AnalysisRequest, label: str) -> str | None:
         return None
     try:
         ticket = service().submit(request)
+    except WorkerUnavailable:
+        raise
     except AtlasError as e:  # refused at once (bad input, unknown model): same as a failed job
         failed[key] = str(e)
         st.error(plain(f"{label}: {e}"))
         return None
+    note = st.session_state.get("job_notes", {}).pop(key, None)
     if ticket.analysis_id:
         return ticket.analysis_id
     with st.container(border=True):
+        if note:
+            st.info(f"{label}: {note}")
         _derived_progress(ticket.job_id, label, key)
     return None
 
@@ -181,6 +244,8 @@ def load_analysis(aid: str, kinds: tuple[str, ...] = kind_views.ATTENTION
     except InputError as e:
         st.error(str(e))
         return None
+    except WorkerUnavailable:
+        raise
     except AtlasError as e:
         st.warning(f"{e} It may have been computed on another server: analyse the text again.")
         return None

@@ -22,11 +22,14 @@ def kind_of(request: AnalysisRequest) -> Kind:
     return KINDS[request.kind]
 
 
-def compute(ctx, request: AnalysisRequest, aid: str, store):
-    """(AnalysisRecord, {name: array}) of the request's kind: its result, as it is stored."""
+def compute(ctx, request: AnalysisRequest, aid: str, rollouts):
+    """(AnalysisRecord, {name: array}) of the request's kind: its result, as it is stored.
+    `rollouts`: where resumable kinds read and append saved rollouts (`load_rollouts(pool)`,
+    `save_rollouts(pool, rows)`): the Store itself, or a job's rollout log on another process
+    (backend.serving.rollout_log)."""
     kind = kind_of(request)
     task = Task(request, parse(kind.name, kind.params, request.params), aid,
-                store if kind.resumable else None)
+                rollouts if kind.resumable else None)
     result = kind.compute(ctx, task)
     return result.record, result.arrays()
 
@@ -37,6 +40,12 @@ def load(store, aid: str) -> Result:
     return (kind.result if kind else NamedArrays).load(store, aid)
 
 
+def rollout_pools(request: AnalysisRequest, fingerprint: str) -> list[str]:
+    """The rollout pools a request's compute reads (none unless its kind is resumable)."""
+    pool = kind_of(request).rollout_pool
+    return [pool(request, fingerprint)] if pool else []
+
+
 def validate(request: AnalysisRequest) -> None:
     """InputError for an unknown kind, a bad text or a bad parameter, before any job."""
     kind = kind_of(request)
@@ -45,4 +54,4 @@ def validate(request: AnalysisRequest) -> None:
 
 
 __all__ = ["CODE_VERSION", "KINDS", "MAX_TEXT_CHARS", "AnalysisRequest", "Kind", "Result",
-           "Task", "analysis_id", "compute", "load", "validate"]
+           "Task", "analysis_id", "compute", "load", "rollout_pools", "validate"]

@@ -24,8 +24,9 @@ P = TypeVar("P")
 @dataclass(frozen=True)
 class Task(Generic[P]):
     """What a kind's compute function gets besides the job context: the request, its params
-    parsed into the kind's dataclass, the analysis id, and the store (only for kinds that
-    declare `resumable`; others return their result and never write)."""
+    parsed into the kind's dataclass, the analysis id, and the rollout log (the Store, or a
+    job's log on another process; only for resumable kinds: others return their result and
+    never write)."""
 
     request: AnalysisRequest
     params: P
@@ -111,15 +112,19 @@ Compute = Callable[[Any, Task], Result]
 @dataclass(frozen=True)
 class Kind:
     """name: what requests and records call it. params: its parameters' dataclass. result: its
-    result's dataclass. resumable: it saves partial results in the store as it goes (Thought
-    Anchors rollouts), so a restarted or extended job continues where the last one stopped; it
-    is given the store."""
+    result's dataclass. rollout_pool(request, model fingerprint): the pool of saved rollouts it
+    reads and extends as it goes (Thought Anchors), so a restarted or extended job continues
+    where the last one stopped; such a kind is resumable and is given the rollout log."""
 
     name: str
     params: type
     compute: Compute
     result: type[Result] = NamedArrays
-    resumable: bool = False
+    rollout_pool: Callable[[Any, str], str] | None = None
+
+    @property
+    def resumable(self) -> bool:
+        return self.rollout_pool is not None
 
 
 @dataclass(frozen=True)

@@ -275,11 +275,12 @@ def resampled_chunks(n_chunks: int, chunks) -> tuple[list[int], list[int]]:
     return selected, sorted(set(selected) | {i + 1 for i in selected if i + 1 < n_chunks})
 
 
-def missing_rollouts(store, pool: str, sampled: list[int], n_rollouts: int,
+def missing_rollouts(rollouts, pool: str, sampled: list[int], n_rollouts: int,
                      forced: bool) -> dict[tuple[int, bool], tuple[int, int]]:
-    """{(chunk, forced): (saved, missing)} of the sentences to sample."""
+    """{(chunk, forced): (saved, missing)} of the sentences to sample; `rollouts`: the Store or
+    a job's rollout log."""
     saved: dict[tuple[int, bool], int] = {}
-    for row in store.load_rollouts(pool):
+    for row in rollouts.load_rollouts(pool):
         key = (row["chunk_idx"], row["forced"])
         saved[key] = saved.get(key, 0) + 1
     variants = (False, True) if forced else (False,)
@@ -290,8 +291,8 @@ def missing_rollouts(store, pool: str, sampled: list[int], n_rollouts: int,
 class _Saver:
     """Saves rollouts in batches at most `every_s` apart (one transaction each)."""
 
-    def __init__(self, store, pool: str, every_s: float = 0.5):
-        self.store, self.pool, self.every_s = store, pool, every_s
+    def __init__(self, rollouts, pool: str, every_s: float = 0.5):
+        self.rollouts, self.pool, self.every_s = rollouts, pool, every_s
         self.rows: list[dict] = []
         self.last = time.monotonic()
 
@@ -302,7 +303,7 @@ class _Saver:
 
     def flush(self) -> None:
         if self.rows:
-            self.store.save_rollouts(self.pool, self.rows)
+            self.rollouts.save_rollouts(self.pool, self.rows)
         self.rows, self.last = [], time.monotonic()
 
 
@@ -374,7 +375,7 @@ GENERATION = Kind("ta_generate", GenerationParams, compute_generation, Result)
 RECEIVERS = Kind("ta_receivers", ReceiverParams, compute_receivers, ReceiversResult)
 SUPPRESSION = Kind("ta_suppression", SuppressionParams, compute_suppression, SuppressionResult)
 RESAMPLING = Kind("ta_resampling", ResamplingParams, compute_resampling, ResamplingResult,
-                  resumable=True)
+                  rollout_pool=rollout_pool)
 
 
 def counterfactual_matrix_of(chunks: list[str], saved: list[dict]) -> np.ndarray:

@@ -1,13 +1,13 @@
-"""A real server and Debian's chromium for end-to-end tests.
+"""Real servers and Debian's chromium for end-to-end tests.
 
-The server runs `streamlit run app.py` as a user would, on its own fresh cache with the shipped
-lessons precomputed into it, so every test sees the product, not a test double.
+As `make app` runs them: the worker service (`python -m backend.serving`) on a fresh cache, and
+`streamlit run app.py` as its client (ATLAS_WORKER_URL). The shipped lessons are precomputed
+through the running worker, as a teacher would before class, so every test sees the product, not
+a test double.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,23 +19,28 @@ from typing import Iterator
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.serving.worker_process import WorkerProcess, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextmanager
+def running_worker(cache: Path) -> Iterator[WorkerProcess]:
+    """The worker service on the cache folder `cache`, ready; stopped after."""
+    worker = WorkerProcess(cache).start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
 
 
 @contextmanager
-def running_app(cache: Path) -> Iterator[str]:
-    """`streamlit run app.py` on the cache folder `cache`, as a user would start it; yields the
-    app's URL once it answers, and stops it after."""
-    port = _free_port()
-    env = {**os.environ, "ATLAS_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
+def running_streamlit(worker: WorkerProcess) -> Iterator[str]:
+    """`streamlit run app.py` as a client of `worker`, as `make app` starts it; yields the app's
+    URL once it answers, and stops it after."""
+    port = free_port()
+    env = {**worker.env(), "ATLAS_WORKER_URL": worker.url}
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.port", str(port), "--browser.gatherUsageStats", "false",
@@ -59,17 +64,26 @@ def running_app(cache: Path) -> Iterator[str]:
         server.wait(timeout=20)
 
 
+@contextmanager
+def running_app(cache: Path) -> Iterator[str]:
+    """The worker service on `cache` and the app as its client; yields the app's URL."""
+    with running_worker(cache) as worker, running_streamlit(worker) as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def app_url(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("e2e-cache")
-    env = {**os.environ, "ATLAS_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
-    # As a teacher would before class (DuckDB lets one process use the cache: before the app).
-    prepared = subprocess.run([sys.executable, "-m", "backend.precompute", "lessons"],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    if prepared.returncode != 0:
-        pytest.fail("Precomputing the lessons failed:\n" + prepared.stderr[-3000:])
-    with running_app(cache) as url:
-        yield url
+    with running_worker(tmp_path_factory.mktemp("e2e-cache")) as worker:
+        # As a teacher would before class, while the worker serves (it owns the cache file).
+        prepared = subprocess.run(
+            [sys.executable, "-m", "backend.precompute", "lessons"], cwd=REPO_ROOT,
+            env={**worker.env(), "ATLAS_WORKER_URL": worker.url}, capture_output=True,
+            text=True)
+        if prepared.returncode != 0 or "through the worker" not in prepared.stdout:
+            pytest.fail("Precomputing the lessons through the worker failed:\n"
+                        + prepared.stdout[-1000:] + prepared.stderr[-3000:])
+        with running_streamlit(worker) as url:
+            yield url
 
 
 @pytest.fixture(scope="session")
