@@ -124,7 +124,7 @@ def encode_argument(value: Any) -> Any:
         return [value.start, value.stop]
     if isinstance(value, AnalysisRequest):
         return {"kind": value.kind, "model": value.model, "text": value.text,
-                "params": {k: codec.to_json(v) for k, v in value.params}}
+                "params": {k: codec.to_json(v) for k, v in value.params.items()}}
     return codec.to_json(value)
 
 
