@@ -48,7 +48,7 @@ def page(name: str) -> st.Page:
 _app = threading.local()  # whether this thread's script run is the app's (see `show`)
 
 
-def run(navigation: st.navigation) -> None:
+def run(navigation: st.Page) -> None:
     """Run the page the app's navigation picked (app.py calls it after drawing the sidebar)."""
     _app.running = True
     try:
@@ -247,4 +247,3 @@ def share_link(params: dict, caption: str = "Link to this view") -> None:
 
 
 plain = inert  # user text made inert inside markdown labels: no markup, no HTML, as typed
-

@@ -23,7 +23,7 @@ from pages.view_state import PUBLISHED_SOURCE, RESAMPLE_WHICH
 Requests = Iterator[AnalysisRequest]
 
 
-def none(state, service) -> Requests:
+def attention_only(state, service) -> Requests:
     """Views that draw the attention analysis alone (Overview, Explore, Head grid, bertviz)."""
     return iter(())
 
@@ -127,6 +127,7 @@ def long_context_heads(state, service) -> Requests:
                                           "lc_passkey": state.lc_passkey or ""})
 
 
-REQUESTS = {"overview": none, "explore": none, "head_grid": none, "bertviz_views": none,
+REQUESTS = {"overview": attention_only, "explore": attention_only, "head_grid": attention_only,
+            "bertviz_views": attention_only,
             "rollout": rollout, "head_importance": head_importance, "compare": compare,
             "thought_anchors": thought_anchors, "long_context_heads": long_context_heads}
