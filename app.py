@@ -50,11 +50,15 @@ def sidebar() -> None:
             shared.submit(AnalysisRequest.make("attention", model or "", text))
 
 
+def main() -> None:
+    st.set_page_config(page_title="Attention Atlas", page_icon=":material/visibility:",
+                       layout="wide")
+    navigation = st.navigation([shared.page(name) for name in shared.PAGES])
+    with shared.worker_guard():
+        sidebar()
+        shared.job_panel()
+        shared.run(navigation)
 
-st.set_page_config(page_title="Attention Atlas", page_icon=":material/visibility:",
-                   layout="wide")
-navigation = st.navigation([shared.page(name) for name in shared.PAGES])
-with shared.worker_guard():
-    sidebar()
-    shared.job_panel()
-    navigation.run()
+
+if __name__ == "__main__":  # as `streamlit run app.py` runs it
+    main()

@@ -34,13 +34,8 @@ from urllib.parse import parse_qsl, urlsplit
 import yaml
 
 from backend.analyses import AnalysisRequest
-from backend.analyses.heads import METHODS, ROLES
-from backend.analyses.long_context import link_request
-from backend.analyses.rollout import AUTO_FLOW_TOKENS
-from backend.analyses.thought_anchors import WORKED_EXAMPLE
 from backend.errors import InputError
-from backend.examples import REASONING_EXAMPLE, REASONING_SAMPLING
-from backend.methods.rollout import HEAD_FUSIONS
+from pages import view_requests, view_state
 
 # Pages a step may show (the names of their files and links).
 VIEW_PAGES = ("explore", "head_grid", "head_importance", "rollout", "thought_anchors", "compare",
@@ -183,68 +178,18 @@ def parse_view(view: str) -> tuple[str, dict[str, str]]:
 
 
 def step_requests(lesson: Lesson, step: Step, service) -> Iterator[AnalysisRequest]:
-    """Every analysis the step's view shows, in order, with the page's own defaults for
-    settings the link leaves out or that its widgets would refuse. The caller computes each
-    request it is given before asking for the next: later ones can depend on earlier results."""
+    """Every analysis the step's view shows, in order: the lesson's attention analyses, then
+    what the view's own `requests` function (pages.view_requests, the one its page calls) asks
+    for the step's settings. The caller computes each request it is given before asking for
+    the next: later ones can depend on earlier results."""
     main, second = lesson.requests(step)
-    yield main
-    record = service.analysis(service.cached(main))
-    params = step.params
-    if step.page == "compare":
-        yield second
-        if params.get("cmp_importance") == "true":
-            for request in (main, second):
-                yield AnalysisRequest.make("head_importance", request.model, request.text,
-                                           method="gradient")
-    elif step.page == "rollout":
-        labels = record.meta["tokens"]
-        targets = {f"{i} {label}": i for i, label in enumerate(labels)}  # the widget's values
-        target = targets.get(params.get("target", ""),
-                             len(labels) - 1 if record.meta["causal"] else 0)
-        fusion = params.get("fusion") if params.get("fusion") in HEAD_FUSIONS else "mean"
-        if len(labels) <= AUTO_FLOW_TOKENS:
-            yield AnalysisRequest.make("attention_flow", main.model, main.text,
-                                       head_fusion=fusion)
-        yield AnalysisRequest.make("gradient_rollout", main.model, main.text, target=target)
-    elif step.page == "head_importance":
-        score = params.get("hi_score", METHODS[0])
-        if score in METHODS:
-            yield AnalysisRequest.make("head_importance", main.model, main.text, method=score)
-        elif score not in ROLES:  # the page falls back to its first score
-            yield AnalysisRequest.make("head_importance", main.model, main.text,
-                                       method=METHODS[0])
-        yield AnalysisRequest.make("head_roles", main.model, main.text)
-        prune = params.get("hi_prune") if params.get("hi_prune") in METHODS else METHODS[0]
-        yield AnalysisRequest.make("pruning_curve", main.model, main.text, method=prune,
-                                   recompute=params.get("hi_recompute") == "true")
-    elif step.page == "long_context_heads":
-        yield link_request(main.model, params)
-    elif step.page == "thought_anchors" and params.get("ta_source") == WORKED_EXAMPLE:
-        yield from _worked_example_requests(main.model, params, service)
-    elif step.page == "thought_anchors" and "ta_source" not in params:
-        service.published_example()  # the page's default trace: imported now, not a job
-
-
-def _worked_example_requests(model: str, params: dict[str, str],
-                             service) -> Iterator[AnalysisRequest]:
-    """The Thought Anchors page's worked example: the model writes a solution, which is split
-    into sentences and given the white-box passes (and resampling when the link asks)."""
-    problem, answer = REASONING_EXAMPLE["problem"], REASONING_EXAMPLE["answer"]
-    generation = AnalysisRequest.make("ta_generate", model, problem)
-    yield generation
-    solution = service.analysis(service.cached(generation)).meta["solution"]
-    base = {"problem": problem, "answer": answer}
-    yield AnalysisRequest.make("ta_trace", model, solution, **base)
-    yield AnalysisRequest.make("ta_receivers", model, solution, **base)
-    if params.get("ta_supp") == "true":
-        yield AnalysisRequest.make("ta_suppression", model, solution, **base)
-    if params.get("ta_resample") == "true" and params.get("ta_which", "Every sentence") == \
-            "Every sentence":
-        engines = {engine["name"]: engine for engine in service.rollout_engines()}
-        engine = engines.get(params.get("ta_engine"), next(iter(engines.values())))
-        rollouts, tokens = params.get("ta_r", ""), params.get("ta_tokens", "")
-        yield AnalysisRequest.make(
-            "ta_resampling", model, solution, engine=engine["name"],
-            rollouts=int(rollouts) if rollouts.isdecimal() else engine["default_rollouts"],
-            max_new_tokens=int(tokens) if tokens.isdecimal() else engine["default_max_new_tokens"],
-            **REASONING_SAMPLING, **base)
+    ids = {}
+    for name, request in (("a", main), ("b", second)):
+        if request is not None:
+            yield request
+            ids[name] = service.cached(request)
+    state = view_state.parse(step.page, {**step.params, **ids})
+    if step.page == "thought_anchors":  # its source writes the trace with the lesson's model
+        yield from view_requests.thought_anchors(state, service, model=main.model)
+    else:
+        yield from view_requests.REQUESTS[step.page](state, service)

@@ -1,6 +1,8 @@
 """Compare: two analyses side by side (two texts, two models, or two heads of one analysis), their
 difference where tokens align, and the heads or layers that changed most."""
 
+from dataclasses import replace
+
 import numpy as np
 import streamlit as st
 
@@ -8,6 +10,7 @@ from backend.analyses import AnalysisRequest
 from backend.examples import COMPARISON_EXAMPLE
 from backend.models import DEFAULT_CAUSAL
 from pages import shared
+from pages.view_requests import compare as requests
 from viz.comparison import difference_heatmap, paired_bars, picked_cell, score_grid
 from viz.heatmap import attention_heatmap, binned_heatmap
 
@@ -240,16 +243,15 @@ def focus_section(ra, rb, c: dict, alignment) -> int:
     return unit
 
 
-def importance_section(ra, rb) -> None:
+def importance_section(ra, rb, state) -> None:
     """Gradient head importance of both sides, when asked for or already cached."""
     service = shared.service()
-    requests = [AnalysisRequest.make("head_importance", r.model, r.text, method="gradient")
-                for r in (ra, rb)]
-    cached = all(service.cached(r) for r in requests)
+    pair = list(requests(replace(state, a=ra.id, b=rb.id, cmp_importance=True), service))
+    cached = all(service.cached(r) for r in pair)
     if not (st.toggle("Compare head importance (gradient, one backward pass per side)",
                       value=cached, key="cmp_importance", bind="query-params") or cached):
         return
-    ids = [shared.derived(r, f"Head importance ({side})") for side, r in zip("AB", requests)]
+    ids = [shared.derived(r, f"Head importance ({side})") for side, r in zip("AB", pair)]
     if not all(ids):
         return
     scores = [service.array(aid, "layer") for aid in ids]
@@ -271,65 +273,76 @@ def importance_section(ra, rb) -> None:
                                            cell=int(np.clip(300 // values.shape[1], 8, 24))))
 
 
-st.header("Compare")
-a_id = shared.current_analysis_id()
-b_id = current_second_id()
-record_a = shared.load_analysis(a_id) if a_id else None
-with st.expander("Choose what to compare", expanded=not b_id):
-    setup(record_a)
-if st.session_state.get("cmp_error"):
-    st.error(st.session_state["cmp_error"])
-if not b_id and "cmp_pending" not in st.session_state and "cmp_auto" not in st.session_state \
-        and (record_a is None or record_a.text == COMPARISON_EXAMPLE[0]):
-    # A first visit shows the classic pair at once (cached after the first time).
-    st.session_state["cmp_auto"] = True
-    _start(*(AnalysisRequest.make("attention", DEFAULT_CAUSAL, text)
-             for text in COMPARISON_EXAMPLE))
-waiting = _pending()
-if not b_id and not waiting:
-    st.info("Choose two texts or two models above and press **Compare**, or compare two heads "
-            "of the current analysis.")
-elif b_id and record_a is not None:
-    record_b = shared.load_analysis(b_id)
-    if record_b is not None and {record_a.kind, record_b.kind} != {"attention"}:
-        st.error("Compare shows attention analyses: open one from the sidebar or a link.")
-    elif record_b is not None:
-        for side, record in (("A", record_a), ("B", record_b)):
-            st.markdown(f"**{side}** · {shared.plain(record.meta['model_label'])} · "
-                        f"{len(record.meta['tokens'])} tokens: “{shared.plain(record.text)}”")
-        c = controls(record_a, record_b)
-        alignment = shared.service().alignment(record_a.id, record_b.id, c["level"])
-        if alignment.mostly_changed:
-            st.warning("The two texts share little: most aligned units pair different words by "
-                       "position (or merge whole passages), so the difference compares "
-                       "positions more than meanings.")
-        left, right = st.columns(2)
-        left.altair_chart(_heatmap(record_a, c["layer_a"], c["head_a"],
-                                   "A: " + _side_labels(record_a, c["layer_a"], c["head_a"])))
-        right.altair_chart(_heatmap(record_b, c["layer_b"], c["head_b"],
-                                    "B: " + _side_labels(record_b, c["layer_b"], c["head_b"])))
-        st.subheader(f"Difference B − A, aligned by {LEVEL_TITLES[c['level']]}")
-        aligned_a = shared.service().aligned_matrix(record_a.id, c["layer_a"], c["head_a"],
-                                                    alignment.a)
-        aligned_b = shared.service().aligned_matrix(record_b.id, c["layer_b"], c["head_b"],
-                                                    alignment.b)
-        d1, d2 = st.columns([3, 1])
-        d1.altair_chart(_difference(aligned_b - aligned_a, alignment.labels,
-                                    f"{len(alignment.labels)} aligned units"))
-        divergence = shared.service().divergence(aligned_a, aligned_b)
-        d2.metric("Divergence of these maps", f"{divergence:.4f} bits",
-                  help="Mean Jensen-Shannon divergence of the aligned rows: 0 same, 1 disjoint.")
-        lost_a, lost_b = alignment.unmatched()
-        if lost_a or lost_b:
-            d2.caption(f"Tokens without a counterpart, left out: {lost_a} of A, {lost_b} of B.")
-        divergence_section(record_a, record_b, c)
-        st.subheader("One query, both sides")
-        unit = focus_section(record_a, record_b, c, alignment)
-        if not c["same"]:
-            st.subheader("Head importance")
-            importance_section(record_a, record_b)
-        with st.expander("How the comparison works, and its caveats"):
-            st.markdown(EXPLANATIONS)
-        shared.share_link({"a": record_a.id, B_PARAM: record_b.id, **c["params"],
-                           "cmp_unit": f"{unit} {alignment.labels[unit]}",
-                           "cmp_importance": st.session_state.get("cmp_importance") or None})
+def comparison(record_a, record_b, state) -> None:
+    """The two sides, their difference, the divergence grid, one query and head importance."""
+    for side, record in (("A", record_a), ("B", record_b)):
+        st.markdown(f"**{side}** · {shared.plain(record.meta['model_label'])} · "
+                    f"{len(record.meta['tokens'])} tokens: "
+                    f"“{shared.plain(record.text)}”")
+    c = controls(record_a, record_b)
+    alignment = shared.service().alignment(record_a.id, record_b.id, c["level"])
+    if alignment.mostly_changed:
+        st.warning("The two texts share little: most aligned units pair different words by "
+                   "position (or merge whole passages), so the difference compares "
+                   "positions more than meanings.")
+    left, right = st.columns(2)
+    left.altair_chart(_heatmap(record_a, c["layer_a"], c["head_a"],
+                               "A: " + _side_labels(record_a, c["layer_a"], c["head_a"])))
+    right.altair_chart(_heatmap(record_b, c["layer_b"], c["head_b"],
+                                "B: " + _side_labels(record_b, c["layer_b"], c["head_b"])))
+    st.subheader(f"Difference B − A, aligned by {LEVEL_TITLES[c['level']]}")
+    aligned_a = shared.service().aligned_matrix(record_a.id, c["layer_a"], c["head_a"],
+                                                alignment.a)
+    aligned_b = shared.service().aligned_matrix(record_b.id, c["layer_b"], c["head_b"],
+                                                alignment.b)
+    d1, d2 = st.columns([3, 1])
+    d1.altair_chart(_difference(aligned_b - aligned_a, alignment.labels,
+                                f"{len(alignment.labels)} aligned units"))
+    divergence = shared.service().divergence(aligned_a, aligned_b)
+    d2.metric("Divergence of these maps", f"{divergence:.4f} bits",
+              help="Mean Jensen-Shannon divergence of the aligned rows: 0 same, 1 disjoint.")
+    lost_a, lost_b = alignment.unmatched()
+    if lost_a or lost_b:
+        d2.caption(f"Tokens without a counterpart, left out: {lost_a} of A, {lost_b} of B.")
+    divergence_section(record_a, record_b, c)
+    st.subheader("One query, both sides")
+    unit = focus_section(record_a, record_b, c, alignment)
+    if not c["same"]:
+        st.subheader("Head importance")
+        importance_section(record_a, record_b, state)
+    with st.expander("How the comparison works, and its caveats"):
+        st.markdown(EXPLANATIONS)
+    shared.share_link({"a": record_a.id, B_PARAM: record_b.id, **c["params"],
+                       "cmp_unit": f"{unit} {alignment.labels[unit]}",
+                       "cmp_importance": st.session_state.get("cmp_importance") or None})
+
+
+def render(state) -> None:
+    st.header("Compare")
+    a_id = shared.current_analysis_id()
+    b_id = current_second_id()
+    record_a = shared.load_analysis(a_id) if a_id else None
+    with st.expander("Choose what to compare", expanded=not b_id):
+        setup(record_a)
+    if st.session_state.get("cmp_error"):
+        st.error(st.session_state["cmp_error"])
+    if not b_id and "cmp_pending" not in st.session_state and "cmp_auto" not in st.session_state \
+            and (record_a is None or record_a.text == COMPARISON_EXAMPLE[0]):
+        # A first visit shows the classic pair at once (cached after the first time).
+        st.session_state["cmp_auto"] = True
+        _start(*(AnalysisRequest.make("attention", DEFAULT_CAUSAL, text)
+                 for text in COMPARISON_EXAMPLE))
+    waiting = _pending()
+    if not b_id and not waiting:
+        st.info("Choose two texts or two models above and press **Compare**, or compare two heads "
+                "of the current analysis.")
+    elif b_id and record_a is not None:
+        record_b = shared.load_analysis(b_id)
+        if record_b is not None and {record_a.kind, record_b.kind} != {"attention"}:
+            st.error("Compare shows attention analyses: open one from the sidebar or a link.")
+        elif record_b is not None:
+            comparison(record_a, record_b, state)
+
+
+if __name__ == "__main__":
+    shared.show("compare", render)

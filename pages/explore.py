@@ -233,7 +233,12 @@ def explore(record) -> None:
             st.session_state.get("direction") not in (None, "row") else None})
 
 
-st.header("Explore attention")
-current = shared.require_analysis()
-if current:
-    explore(current)
+def render(state) -> None:
+    st.header("Explore attention")
+    current = shared.require_analysis()
+    if current:
+        explore(current)
+
+
+if __name__ == "__main__":
+    shared.show("explore", render)

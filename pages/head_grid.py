@@ -15,24 +15,29 @@ def _open_head() -> None:
         st.session_state["open_head"] = picked
 
 
-st.header("Head grid")
-record = shared.require_analysis()
-if record:
-    if "open_head" in st.session_state:
-        layer, head = st.session_state.pop("open_head")
-        # A page switch drops every widget's state, the sidebar's text too: let the sidebar
-        # show this analysis' model and text again (not the default example).
-        st.session_state.pop("inputs_for", None)
-        st.switch_page(shared.page("explore"), query_params={"a": record.id, "layer": str(layer),
-                                                         "head": str(head)})
-    meta = record.meta
-    st.caption(f"{meta['n_layers']} layers × {meta['n_heads']} heads of {meta['model_label']}, "
-               f"{len(meta['tokens'])} tokens. Each thumbnail is a head's query × key map "
-               f"(darker = more attention; long inputs pooled to {THUMBNAIL_BINS} × "
-               f"{THUMBNAIL_BINS}). Look for a dark diagonal (self), a line just below it "
-               "(previous token) and a dark first column (sink). Click a head to open it.")
-    thumbnails = shared.service().head_thumbnails(record.id, THUMBNAIL_BINS)
-    cell = max(44, min(96, GRID_WIDTH // meta["n_heads"]))
-    st.altair_chart(head_grid(thumbnails, cell=cell), key="grid", on_select=_open_head,
-                    selection_mode="head", width="content")
-    shared.share_link({"a": record.id})
+def render(state) -> None:
+    st.header("Head grid")
+    record = shared.require_analysis()
+    if record:
+        if "open_head" in st.session_state:
+            layer, head = st.session_state.pop("open_head")
+            # A page switch drops every widget's state, the sidebar's text too: let the sidebar
+            # show this analysis' model and text again (not the default example).
+            st.session_state.pop("inputs_for", None)
+            st.switch_page(shared.page("explore"),
+                           query_params={"a": record.id, "layer": str(layer), "head": str(head)})
+        meta = record.meta
+        st.caption(f"{meta['n_layers']} layers × {meta['n_heads']} heads of "
+                   f"{meta['model_label']}, {len(meta['tokens'])} tokens. Each thumbnail is a "
+                   f"head's query × key map (darker = more attention; long inputs pooled to {THUMBNAIL_BINS} × "
+                   f"{THUMBNAIL_BINS}). Look for a dark diagonal (self), a line just below it "
+                   "(previous token) and a dark first column (sink). Click a head to open it.")
+        thumbnails = shared.service().head_thumbnails(record.id, THUMBNAIL_BINS)
+        cell = max(44, min(96, GRID_WIDTH // meta["n_heads"]))
+        st.altair_chart(head_grid(thumbnails, cell=cell), key="grid", on_select=_open_head,
+                        selection_mode="head", width="content")
+        shared.share_link({"a": record.id})
+
+
+if __name__ == "__main__":
+    shared.show("head_grid", render)

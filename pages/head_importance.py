@@ -1,6 +1,8 @@
 """Head importance: which heads matter (gradient, ablation, attention statistics), what each head
 does (role scores), and how the loss grows as heads are masked (pruning curves)."""
 
+from dataclasses import replace
+
 import altair as alt
 import numpy as np
 import pandas as pd
@@ -11,6 +13,8 @@ from backend.analyses.heads import (METHODS, NORMALIZATIONS, ROLES, head_label, 
                                     parse_head_label, top_attended_pairs)
 from backend.errors import AtlasError
 from pages import shared
+from pages.view_requests import head_importance as requests
+from pages.view_state import SCORES
 from viz.head_grid import head_grid, selected_head
 from backend.analyses.attention import OVERVIEW_BINS
 from viz.heatmap import DETAIL_MAX, attention_heatmap, binned_heatmap
@@ -19,7 +23,6 @@ from viz.pruning import pruning_chart
 THUMBNAIL_BINS = 24
 GRID_WIDTH = 400  # pixels the grid's heads may take: its column is ~480 px wide at 1280 px
 TOP_PAIRS = 10
-SCORES = [*METHODS, *(r for r in ROLES if r not in METHODS)]
 TITLES = {
     "gradient": "gradient importance", "ablation": "ablation Δ loss",
     "confidence": "confidence", "entropy": "entropy (nats)",
@@ -172,7 +175,12 @@ def scores_table(n_layers: int, n_heads: int, columns: dict[str, np.ndarray]) ->
     return pd.concat([frame, position, scores], axis=1)
 
 
-def pruning_section(record, jobs: InTurn) -> dict:
+def _request(state, kind: str) -> AnalysisRequest | None:
+    """The view's request of `kind` for `state`, if it needs one."""
+    return next((r for r in requests(state, shared.service()) if r.kind == kind), None)
+
+
+def pruning_section(record, jobs: InTurn, state) -> dict:
     """Controls and chart of the pruning curve; returns what it shows (for export and links)."""
     st.subheader("Pruning curve")
     c1, c2 = st.columns(2)
@@ -181,9 +189,8 @@ def pruning_section(record, jobs: InTurn) -> dict:
     recompute = c2.toggle("Recompute each step", key="hi_recompute", bind="query-params",
                           help="Rank the remaining heads again after every 5 % step: 20 "
                                "importance computations instead of one.")
-    curve_id = jobs.get(AnalysisRequest.make("pruning_curve", record.model, record.text,
-                                             method=method, recompute=recompute),
-                        "Pruning curve")
+    curve_id = jobs.get(_request(replace(state, hi_prune=method, hi_recompute=recompute),
+                                 "pruning_curve"), "Pruning curve")
     if not curve_id:
         return {"method": method, "recompute": recompute}
     service, meta = shared.service(), shared.service().analysis(curve_id).meta
@@ -205,11 +212,11 @@ def pruning_section(record, jobs: InTurn) -> dict:
 
 
 @shared.fragment
-def pruning_and_export(record, jobs: InTurn, head_scores: pd.DataFrame, score: str,
+def pruning_and_export(record, jobs: InTurn, state, head_scores: pd.DataFrame, score: str,
                        link: dict | None) -> None:
     """The pruning curve with the downloads and the share link: its two controls rerun only
     this part, not the grid, the head's details and the ranking above it."""
-    curve = pruning_section(record, jobs)
+    curve = pruning_section(record, jobs, state)
     with st.expander("Export and share", expanded=True):
         b1, b2 = st.columns(2)
         b1.download_button("CSV of every head's scores",
@@ -225,100 +232,106 @@ def pruning_and_export(record, jobs: InTurn, head_scores: pd.DataFrame, score: s
                                "hi_recompute": True if curve["recompute"] else None})
 
 
-st.header("Head importance")
-record = shared.require_analysis()
-if record:
-    meta, aid = record.meta, record.id
-    n_layers, n_heads = meta["n_layers"], meta["n_heads"]
-    service = shared.service()
-    c1, c2, c3 = st.columns([2, 2, 2])
-    score = c1.selectbox("Colour heads by", SCORES, key="hi_score", bind="query-params",
-                         help="An importance method (the first four) or a head role. See "
-                              "“What the scores mean” below.")
-    is_importance = score in METHODS
-    norm = c2.segmented_control("Normalisation", NORMALIZATIONS, default="layer", key="hi_norm",
-                                bind="query-params", disabled=not is_importance,
-                                help="For importance scores only.") or "layer"
-    focus = c3.selectbox("Head", [head_label(l, h) for l in range(n_layers)
-                                  for h in range(n_heads)],
-                         index=None, key="hi_head", bind="query-params",
-                         placeholder="Click a head in the grid, or pick one")
+def render(state) -> None:
+    st.header("Head importance")
+    record = shared.require_analysis()
+    if record:
+        meta, aid = record.meta, record.id
+        n_layers, n_heads = meta["n_layers"], meta["n_heads"]
+        service = shared.service()
+        c1, c2, c3 = st.columns([2, 2, 2])
+        score = c1.selectbox("Colour heads by", SCORES, key="hi_score", bind="query-params",
+                             help="An importance method (the first four) or a head role. See "
+                                  "“What the scores mean” below.")
+        is_importance = score in METHODS
+        norm = c2.segmented_control("Normalisation", NORMALIZATIONS, default="layer", key="hi_norm",
+                                    bind="query-params", disabled=not is_importance,
+                                    help="For importance scores only.") or "layer"
+        focus = c3.selectbox("Head", [head_label(l, h) for l in range(n_layers)
+                                      for h in range(n_heads)],
+                             index=None, key="hi_head", bind="query-params",
+                             placeholder="Click a head in the grid, or pick one")
 
-    jobs, importance_id = InTurn(), None
-    if is_importance:  # the grid's own score first
-        importance_id = jobs.get(AnalysisRequest.make(
-            "head_importance", record.model, record.text, method=score),
-            f"{score.capitalize()} importance")
-    roles_id = jobs.get(AnalysisRequest.make("head_roles", record.model, record.text),
-                        "Head roles")
-    unavailable = service.analysis(roles_id).meta["unavailable"] if roles_id else {}
-    roles = {name: service.array(roles_id, name) for name in ROLES
-             if roles_id and name not in unavailable}
-    importance_meta = service.analysis(importance_id).meta if importance_id else {}
-    _loss_note(importance_meta)
+        state = replace(state, a=aid, hi_score=score)
+        jobs, importance_id = InTurn(), None
+        if is_importance:  # the grid's own score first
+            importance_id = jobs.get(_request(state, "head_importance"),
+                                     f"{score.capitalize()} importance")
+        roles_id = jobs.get(_request(state, "head_roles"), "Head roles")
+        unavailable = service.analysis(roles_id).meta["unavailable"] if roles_id else {}
+        roles = {name: service.array(roles_id, name) for name in ROLES
+                 if roles_id and name not in unavailable}
+        importance_meta = service.analysis(importance_id).meta if importance_id else {}
+        _loss_note(importance_meta)
 
-    scores, score_title = None, TITLES[score]
-    if is_importance and importance_id:
-        scores = service.array(importance_id, norm)
-        score_title = f"{TITLES[score]}, {NORM_TITLES[norm]}"
-    elif not is_importance and roles_id:
-        scores = roles.get(score)
-        if scores is None:
-            st.warning(f"No {TITLES[score]} for this text. {unavailable.get(score, '')}")
+        scores, score_title = None, TITLES[score]
+        if is_importance and importance_id:
+            scores = service.array(importance_id, norm)
+            score_title = f"{TITLES[score]}, {NORM_TITLES[norm]}"
+        elif not is_importance and roles_id:
+            scores = roles.get(score)
+            if scores is None:
+                st.warning(f"No {TITLES[score]} for this text. {unavailable.get(score, '')}")
 
-    grid_column, detail_column = st.columns([3, 2])
-    with grid_column:
-        thumbnails = service.head_thumbnails(aid, THUMBNAIL_BINS)
-        # cells sized to fit the column: a squeezed grid hides the frames under the thumbnails
-        cell = int(np.clip(GRID_WIDTH // n_heads, 16, 36))
-        grid = head_grid(thumbnails, scores, score_title, cell=cell).configure_legend(
-            orient="top", gradientLength=min(GRID_WIDTH, cell * n_heads), titleLimit=400,
-        ).properties(autosize=alt.AutoSizeParams(type="pad"))  # width, height: the cells alone
-        st.altair_chart(grid, key="hi_grid", on_select=_pick_from_grid, selection_mode="head",
-                        width="content")
-        colour = (f"its frame is coloured by the {score_title} (hover for the value)"
-                  if scores is not None else f"frames take the {score_title} when it is ready")
-        st.caption(f"{n_layers} layers × {n_heads} heads of {meta['model_label']}, "
-                   f"{len(meta['tokens'])} tokens. Each cell is the head's attention map; "
-                   f"{colour}. Click a head to see it in detail.")
-    with detail_column:
-        picked = parse_head_label(focus)
-        if picked and picked[0] < n_layers and picked[1] < n_heads:
-            head_details(record, *picked, scores, score, roles)
-        else:
-            st.info("Click a head in the grid (or pick one above) to see its attention map, its "
-                    "role scores and the token pairs it attends most.")
+        grid_column, detail_column = st.columns([3, 2])
+        with grid_column:
+            thumbnails = service.head_thumbnails(aid, THUMBNAIL_BINS)
+            # cells sized to fit the column: a squeezed grid hides the frames under the thumbnails
+            cell = int(np.clip(GRID_WIDTH // n_heads, 16, 36))
+            grid = head_grid(thumbnails, scores, score_title, cell=cell).configure_legend(
+                orient="top", gradientLength=min(GRID_WIDTH, cell * n_heads), titleLimit=400,
+            ).properties(autosize=alt.AutoSizeParams(type="pad"))  # width, height: the cells alone
+            st.altair_chart(grid, key="hi_grid", on_select=_pick_from_grid, selection_mode="head",
+                            width="content")
+            colour = (f"its frame is coloured by the {score_title} (hover for the value)"
+                      if scores is not None else f"frames take the {score_title} when it is ready")
+            st.caption(f"{n_layers} layers × {n_heads} heads of {meta['model_label']}, "
+                       f"{len(meta['tokens'])} tokens. Each cell is the head's attention map; "
+                       f"{colour}. Click a head to see it in detail.")
+        with detail_column:
+            picked = parse_head_label(focus)
+            if picked and picked[0] < n_layers and picked[1] < n_heads:
+                head_details(record, *picked, scores, score, roles)
+            else:
+                st.info("Click a head in the grid (or pick one above) to see its attention map, "
+                        "its role scores and the token pairs it attends most.")
 
-    # The ranking, then the pruning curve, one below the other: side by side, the curve's plot
-    # shrank under its legend and the table's columns ran off its half of the page.
-    st.subheader("Ranking")
-    columns = {}
-    if scores is not None:
-        columns[score_title] = scores
-    columns.update({name: values for name, values in roles.items() if name != score})
-    table = scores_table(n_layers, n_heads, columns).drop(columns=["layer", "head"])  # in id
-    if scores is not None:
-        table = table.sort_values(score_title, ascending=False, kind="stable")
-        table.insert(0, "rank", np.arange(1, len(table) + 1))
-    st.session_state["hi_ranked"] = list(table["id"])
-    # Narrow columns with short headers (the full name on hover), so every score fits at
-    # 1,280 px without scrolling sideways.
-    st.dataframe(table, hide_index=True, height=380, key="hi_ranking",
-                 on_select=_pick_from_ranking, selection_mode="single-row",
-                 column_config={name: st.column_config.NumberColumn(
-                     SHORT_NAMES.get(name, name) if name in ROLES else SHORT_NAMES.get(
-                         score, score), help=name, format="%.4f", width=RANK_COLUMN_PX)
-                     for name in columns} | {"rank": st.column_config.NumberColumn(width=44),
-                                             "id": st.column_config.TextColumn(width=64)})
-    st.caption("Sorted by the chosen score, highest first. Select a row to open its head.")
-    with st.expander("What the scores mean"):
-        st.markdown(EXPLANATIONS)
+        # The ranking, then the pruning curve, one below the other: side by side, the curve's plot
+        # shrank under its legend and the table's columns ran off its half of the page.
+        st.subheader("Ranking")
+        columns = {}
+        if scores is not None:
+            columns[score_title] = scores
+        columns.update({name: values for name, values in roles.items() if name != score})
+        table = scores_table(n_layers, n_heads, columns).drop(columns=["layer", "head"])  # in id
+        if scores is not None:
+            table = table.sort_values(score_title, ascending=False, kind="stable")
+            table.insert(0, "rank", np.arange(1, len(table) + 1))
+        st.session_state["hi_ranked"] = list(table["id"])
+        # Narrow columns with short headers (the full name on hover), so every score fits at
+        # 1,280 px without scrolling sideways.
+        st.dataframe(table, hide_index=True, height=380, key="hi_ranking",
+                     on_select=_pick_from_ranking, selection_mode="single-row",
+                     column_config={name: st.column_config.NumberColumn(
+                         SHORT_NAMES.get(name, name) if name in ROLES else SHORT_NAMES.get(
+                             score, score), help=name, format="%.4f", width=RANK_COLUMN_PX)
+                         for name in columns} | {"rank": st.column_config.NumberColumn(width=44),
+                                                 "id": st.column_config.TextColumn(width=64)})
+        st.caption("Sorted by the chosen score, highest first. Select a row to open its head.")
+        with st.expander("What the scores mean"):
+            st.markdown(EXPLANATIONS)
 
-    export_columns = dict(roles)
-    if importance_id:
-        export_columns = {f"{score}_{name}": service.array(importance_id, name)
-                          for name in NORMALIZATIONS} | export_columns
-    link = None if st.session_state.get("in_lesson") else {
-        "a": aid, "hi_score": score, "hi_norm": norm if is_importance and norm != "layer" else None,
-        "hi_head": focus, "hi_skip_first": True if st.session_state.get("hi_skip_first") else None}
-    pruning_and_export(record, jobs, scores_table(n_layers, n_heads, export_columns), score, link)
+        export_columns = dict(roles)
+        if importance_id:
+            export_columns = {f"{score}_{name}": service.array(importance_id, name)
+                              for name in NORMALIZATIONS} | export_columns
+        link = None if st.session_state.get("in_lesson") else {
+            "a": aid, "hi_score": score, "hi_head": focus,
+            "hi_norm": norm if is_importance and norm != "layer" else None,
+            "hi_skip_first": True if st.session_state.get("hi_skip_first") else None}
+        pruning_and_export(record, jobs, state, scores_table(n_layers, n_heads, export_columns),
+                           score, link)
+
+
+if __name__ == "__main__":
+    shared.show("head_importance", render)

@@ -2,7 +2,6 @@
 shown on the app's own page for it. Presenter mode: large type, controls hidden, one step per
 screen; every step is a link that reopens it."""
 
-import runpy
 from html import escape
 from urllib.parse import urlencode
 
@@ -180,24 +179,27 @@ def show(lesson: Lesson, index: int, present: bool) -> None:
     st.session_state["in_lesson"] = True  # the page's own share link gives way to the step's
     try:
         with st.container(key="lesson_view", border=True):
-            runpy.run_path(str(shared.PAGES_DIR / f"{step.page}.py"))
+            shared.show_inside(step.page)
     finally:
         del st.session_state["in_lesson"]
     shared.share_link({key: st.query_params.get_all(key) for key in st.query_params},
                       "Link to this step")
 
 
-folder = shared.service().settings.lessons_dir
-found = read_lessons(folder) if folder.is_dir() else None
-slug = st.query_params.get(LESSON)
-chosen = found.get(slug) if found and slug else None
-if found is None:
-    st.error(f"There is no lessons folder ({shared.plain(folder.name)}): set ATLAS_LESSONS_DIR.")
-elif chosen is None:
-    if slug:
-        st.warning(f"There is no lesson '{shared.plain(slug)}' here. Pick one below.")
-    gallery(found, folder)
-else:
-    number = shared.view_state.step_number(st.query_params.get(STEP))
-    show(chosen, min(max(number, 1), len(chosen.steps)) - 1,
-         st.query_params.get(PRESENT) == "true")
+def render(state) -> None:
+    folder = shared.service().settings.lessons_dir
+    found = read_lessons(folder) if folder.is_dir() else None
+    chosen = found.get(state.lesson) if found and state.lesson else None
+    if found is None:
+        st.error(f"There is no lessons folder ({shared.plain(folder.name)}): set "
+                 "ATLAS_LESSONS_DIR.")
+    elif chosen is None:
+        if state.lesson:
+            st.warning(f"There is no lesson '{shared.plain(state.lesson)}' here. Pick one below.")
+        gallery(found, folder)
+    else:
+        show(chosen, min(state.step, len(chosen.steps)) - 1, state.present)
+
+
+if __name__ == "__main__":
+    shared.show("lessons", render)

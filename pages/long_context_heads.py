@@ -1,6 +1,8 @@
 """Long-context heads: retrieval heads (needle-in-a-haystack copying), streaming heads (a proxy of
 DuoAttention's gates) and attention sinks, for the current analysis' model."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -8,6 +10,7 @@ import streamlit as st
 from backend.analyses import long_context as lc
 from backend.analyses.heads import head_label, parse_head_label
 from pages import shared
+from pages.view_requests import long_context_heads as requests
 from viz.comparison import GRID_SELECTION, picked_cell, score_grid
 from viz.long_context_heads import (haystack_attention, heads_frame, layer_shares, needle_html,
                                     scatter_head, score_scatter)
@@ -64,14 +67,14 @@ def _settings_form(record) -> dict | None:
         return None
 
 
-def _probe_id(model: str) -> str | None:
+def _probe_id(record, state) -> str | None:
     linked = st.query_params.get("lc")
     if linked and "lc_custom" not in st.session_state:
         return linked
     try:
         custom = st.session_state.get("lc_custom")
-        request = (lc.probe_request(model, **custom) if custom
-                   else lc.link_request(model, st.query_params.to_dict()))
+        request = (lc.probe_request(record.model, **custom) if custom
+                   else next(requests(replace(state, a=record.id, lc=None), shared.service())))
     except Exception as e:  # a refused setting: say so, keep the page
         st.error(str(e))
         return None
@@ -132,70 +135,80 @@ def _from_link(labels: list[str]) -> None:
         st.session_state.setdefault("lc_eps", eps)
 
 
-st.header("Long-context heads")
-record = shared.require_analysis()
-if record:
-    custom = _settings_form(None if "lc" not in st.query_params else
-                            shared.load_analysis(st.query_params["lc"],
-                                                 shared.kind_views.PROBES))
-    if custom is not None:
-        st.session_state["lc_custom"] = custom
-        st.query_params.pop("lc", None)
-    aid = _probe_id(record.model)
-    probe = shared.load_analysis(aid, shared.kind_views.PROBES) if aid else None
-    if probe:
-        st.query_params["lc"] = aid
-        service, meta = shared.service(), probe.meta
-        scores = {name: service.array(aid, name) for name in lc.SCORES}
-        _from_link([head_label(a, b) for a in range(meta["n_layers"])
-                    for b in range(meta["n_heads"])])
-        accepted = sum(t["accepted"] for t in meta["trials"])
-        st.caption(f"{meta['model_label']}: {meta['n_layers']} layers × {meta['n_heads']} heads; "
-                   f"{len(meta['trials'])} haystack trials, {accepted} retrieved the needle; "
-                   f"streaming and sinks on a {meta['passkey_tokens']:,}-token passkey input "
-                   f"(sink {meta['settings']['sink']}, recent {meta['settings']['recent']} "
-                   "tokens).")
-        with st.expander("What the scores mean"):
-            st.markdown(EXPLANATIONS)
-        if not accepted:
-            st.warning("No trial retrieved the needle (ROUGE-1 recall > 0.5), so no head has a "
-                       "retrieval score: try shorter haystacks or give the start of the answer.")
-        c1, c2, c3 = st.columns(3)
-        for key, default in THRESHOLDS.items():
-            st.session_state.setdefault(key, default)
-        above = c1.slider("Retrieval head: score above", 0.0, 1.0, step=0.05, key="lc_ret")
-        stream = c2.slider("Streaming head: score above", 0.0, 1.0, step=0.05, key="lc_str")
-        eps = c3.slider("Sink head: α above ε", 0.0, 1.0, step=0.05, key="lc_eps")
-        shares = lc.role_shares(scores, above, stream, eps)
-        for column, (role, share) in zip(st.columns(3), shares.items()):
-            column.metric(f"{role} heads", f"{share:.0%}")
-        score = st.radio("Colour the grid by", lc.SCORES, format_func=TITLES.get,
-                         horizontal=True, key="lc_score")
-        picked = parse_head_label(st.session_state.get("lc_head")) or (0, 0)
-        left, right = st.columns(2)
-        with left:
-            values = np.nan_to_num(scores[score], nan=0.0)
-            st.altair_chart(score_grid(values, "layer", "head", TITLES[score], picked=picked,
-                                       cell=max(8, min(22, 440 // meta["n_heads"]))),
-                            key="lc_grid", on_select=lambda: _pick("lc_grid", picked_cell),
-                            selection_mode=GRID_SELECTION)
-            st.altair_chart(layer_shares(lc.sink_shares(scores["sink_alpha"], eps)[0],
-                                         f"Sink-dominated heads per layer (α > {eps:.2f})"))
-        frame = heads_frame({**scores, "streaming_error": service.array(aid,
-                                                                         "streaming_error")})
-        with right:
-            x = st.selectbox("x", lc.SCORES, format_func=TITLES.get, key="lc_x")
-            y = st.selectbox("y", lc.SCORES, index=1, format_func=TITLES.get, key="lc_y")
-            st.altair_chart(score_scatter(frame, x, y, TITLES, picked), key="lc_scatter",
-                            on_select=lambda: _pick("lc_scatter", scatter_head),
-                            selection_mode="lc_head")
-        labels = list(frame["label"])
-        st.selectbox("Head", labels, key="lc_head")
-        layer, head = parse_head_label(st.session_state["lc_head"])
-        st.subheader(f"Layer {layer}, head {head}")
-        st.caption(" · ".join(f"{TITLES[n]} {scores[n][layer, head]:.3f}" for n in lc.SCORES))
-        _trial_detail(aid, probe, layer, head)
-        st.download_button("Download every head's scores (CSV)", frame.to_csv(index=False),
-                           file_name="long_context_heads.csv", mime="text/csv")
-        shared.share_link({"a": record.id, "lc": aid, "lc_score": score,
-                           "lc_head": st.session_state["lc_head"], "lc_eps": eps})
+def probe_view(aid: str, probe, record) -> None:
+    """Every head's long-context scores: role shares, the grid, the scatter, one head's trials."""
+    st.query_params["lc"] = aid
+    service, meta = shared.service(), probe.meta
+    scores = {name: service.array(aid, name) for name in lc.SCORES}
+    _from_link([head_label(a, b) for a in range(meta["n_layers"])
+                for b in range(meta["n_heads"])])
+    accepted = sum(t["accepted"] for t in meta["trials"])
+    st.caption(f"{meta['model_label']}: {meta['n_layers']} layers × {meta['n_heads']} heads; "
+               f"{len(meta['trials'])} haystack trials, {accepted} retrieved the needle; "
+               f"streaming and sinks on a {meta['passkey_tokens']:,}-token passkey input "
+               f"(sink {meta['settings']['sink']}, recent {meta['settings']['recent']} "
+               "tokens).")
+    with st.expander("What the scores mean"):
+        st.markdown(EXPLANATIONS)
+    if not accepted:
+        st.warning("No trial retrieved the needle (ROUGE-1 recall > 0.5), so no head has a "
+                   "retrieval score: try shorter haystacks or give the start of the answer.")
+    c1, c2, c3 = st.columns(3)
+    for key, default in THRESHOLDS.items():
+        st.session_state.setdefault(key, default)
+    above = c1.slider("Retrieval head: score above", 0.0, 1.0, step=0.05, key="lc_ret")
+    stream = c2.slider("Streaming head: score above", 0.0, 1.0, step=0.05, key="lc_str")
+    eps = c3.slider("Sink head: α above ε", 0.0, 1.0, step=0.05, key="lc_eps")
+    shares = lc.role_shares(scores, above, stream, eps)
+    for column, (role, share) in zip(st.columns(3), shares.items()):
+        column.metric(f"{role} heads", f"{share:.0%}")
+    score = st.radio("Colour the grid by", lc.SCORES, format_func=TITLES.get,
+                     horizontal=True, key="lc_score")
+    picked = parse_head_label(st.session_state.get("lc_head")) or (0, 0)
+    left, right = st.columns(2)
+    with left:
+        values = np.nan_to_num(scores[score], nan=0.0)
+        st.altair_chart(score_grid(values, "layer", "head", TITLES[score], picked=picked,
+                                   cell=max(8, min(22, 440 // meta["n_heads"]))),
+                        key="lc_grid", on_select=lambda: _pick("lc_grid", picked_cell),
+                        selection_mode=GRID_SELECTION)
+        st.altair_chart(layer_shares(lc.sink_shares(scores["sink_alpha"], eps)[0],
+                                     f"Sink-dominated heads per layer (α > {eps:.2f})"))
+    frame = heads_frame({**scores, "streaming_error": service.array(aid,
+                                                                     "streaming_error")})
+    with right:
+        x = st.selectbox("x", lc.SCORES, format_func=TITLES.get, key="lc_x")
+        y = st.selectbox("y", lc.SCORES, index=1, format_func=TITLES.get, key="lc_y")
+        st.altair_chart(score_scatter(frame, x, y, TITLES, picked), key="lc_scatter",
+                        on_select=lambda: _pick("lc_scatter", scatter_head),
+                        selection_mode="lc_head")
+    labels = list(frame["label"])
+    st.selectbox("Head", labels, key="lc_head")
+    layer, head = parse_head_label(st.session_state["lc_head"])
+    st.subheader(f"Layer {layer}, head {head}")
+    st.caption(" · ".join(f"{TITLES[n]} {scores[n][layer, head]:.3f}" for n in lc.SCORES))
+    _trial_detail(aid, probe, layer, head)
+    st.download_button("Download every head's scores (CSV)", frame.to_csv(index=False),
+                       file_name="long_context_heads.csv", mime="text/csv")
+    shared.share_link({"a": record.id, "lc": aid, "lc_score": score,
+                       "lc_head": st.session_state["lc_head"], "lc_eps": eps})
+
+
+def render(state) -> None:
+    st.header("Long-context heads")
+    record = shared.require_analysis()
+    if record:
+        custom = _settings_form(None if "lc" not in st.query_params else
+                                shared.load_analysis(st.query_params["lc"],
+                                                     shared.kind_views.PROBES))
+        if custom is not None:
+            st.session_state["lc_custom"] = custom
+            st.query_params.pop("lc", None)
+        aid = _probe_id(record, state)
+        probe = shared.load_analysis(aid, shared.kind_views.PROBES) if aid else None
+        if probe:
+            probe_view(aid, probe, record)
+
+
+if __name__ == "__main__":
+    shared.show("long_context_heads", render)

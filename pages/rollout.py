@@ -1,12 +1,15 @@
 """Rollout & flow: how attention mixes information across layers, four ways, for one token."""
 
+from dataclasses import replace
+
 import numpy as np
 import streamlit as st
 
-from backend.analyses import AnalysisRequest
 from backend.analyses.attention import OVERVIEW_BINS
-from backend.analyses.rollout import AUTO_FLOW_TOKENS, FLOW_MAX_TOKENS, HEAD_FUSIONS, FlowParams
+from backend.analyses.rollout import FLOW_MAX_TOKENS, FlowParams
 from pages import shared
+from pages.view_requests import rollout as requests, target_token
+from pages.view_state import HEAD_FUSIONS
 from viz import export
 from viz.heatmap import DETAIL_MAX, attention_heatmap, binned_heatmap
 from viz.reading_view import reading_view, text_pieces
@@ -69,14 +72,14 @@ def scores_view(record, rows: dict, target: int, no_sink: bool) -> None:
 
 
 @shared.fragment
-def rollout_view(record) -> None:
+def rollout_view(record, state) -> None:
     meta, aid, labels = record.meta, record.id, record.meta["tokens"]
     n = len(labels)
-    default_target = n - 1 if meta["causal"] else 0
     c1, c2 = st.columns([3, 2])
     c3, c4 = st.columns([3, 2])
-    target = c1.selectbox("Target token", range(n), index=default_target, key="target",
-                          bind="query-params", format_func=lambda i: f"{i} {labels[i]}",
+    target = c1.selectbox("Target token", range(n), key="target", bind="query-params",
+                          index=target_token(None, labels, meta["causal"]),
+                          format_func=lambda i: f"{i} {labels[i]}",
                           help="Whose sources to trace: CLS for encoders, the last token for "
                                "causal LMs by default.")
     fusion = c2.segmented_control("Head fusion", HEAD_FUSIONS, default=FlowParams.head_fusion,
@@ -95,26 +98,28 @@ def rollout_view(record) -> None:
     rows = {"Raw attention (last layer)": last_row,
             f"Rollout (after layer {depth})": target_rows[depth - 1]}
 
-    flow_id = None
-    flow_request = AnalysisRequest.make("attention_flow", record.model, record.text,
-                                        head_fusion=fusion)
-    if n > FLOW_MAX_TOKENS:
+    state = replace(state, a=aid, target=f"{target} {labels[target]}", fusion=fusion,
+                    flow=state.flow or st.session_state.get(f"flow_{aid}", False))
+    wanted = {request.kind: request for request in requests(state, service)}
+    if "attention_flow" not in wanted and n <= FLOW_MAX_TOKENS:
+        flow_request = next(requests(replace(state, flow=True), service))
+        if service.cached(flow_request) or st.button(
+                f"Compute attention flow ({n} tokens: may take a minute or more)"):
+            st.session_state[f"flow_{aid}"] = True
+            state = replace(state, flow=True)
+            wanted["attention_flow"] = flow_request
+    elif n > FLOW_MAX_TOKENS:
         st.info(f"Attention flow is offered up to {FLOW_MAX_TOKENS} tokens ({n:,} here).")
-    elif n <= AUTO_FLOW_TOKENS or st.session_state.get(f"flow_{aid}") or \
-            service.cached(flow_request) or \
-            st.button(f"Compute attention flow ({n} tokens: may take a minute or more)"):
-        st.session_state[f"flow_{aid}"] = True
-        flow_id = shared.derived(flow_request, "Attention flow")
+    flow_id = wanted.get("attention_flow") and shared.derived(wanted["attention_flow"],
+                                                              "Attention flow")
     flow = None
     if flow_id:
         raw = service.array(flow_id, "flow")
         flow = raw / np.where(raw.sum(1, keepdims=True) > 0, raw.sum(1, keepdims=True), 1)
         rows["Flow"] = flow[target]
     gradient = None
-    if n <= full_max:
-        grad_id = shared.derived(AnalysisRequest.make("gradient_rollout", record.model,
-                                                      record.text, target=int(target)),
-                                 "Gradient-weighted rollout")
+    if "gradient_rollout" in wanted:
+        grad_id = shared.derived(wanted["gradient_rollout"], "Gradient-weighted rollout")
         gradient = service.array(grad_id, "gradient_rollout") if grad_id else None
     else:
         st.info(f"Gradient-weighted rollout and the full matrices are offered up to "
@@ -148,11 +153,16 @@ def rollout_view(record) -> None:
         st.download_button("CSV of the scores", lambda: export.matrix_csv(
             table, [f"{i + offset} {t}" for i, t in enumerate(shown_labels)], list(rows)),
             file_name=f"rollout_target{target}.csv", mime="text/csv")
-        shared.share_link({"a": aid, "target": f"{target} {labels[target]}", "fusion": fusion,
-                           "depth": depth, "no_sink": "true" if no_sink else None})
+        shared.share_link({**shared.view_state.to_query(state), "depth": depth,
+                           "no_sink": "true" if no_sink else None})
 
 
-st.header("Rollout & flow")
-current = shared.require_analysis()
-if current:
-    rollout_view(current)
+def render(state) -> None:
+    st.header("Rollout & flow")
+    current = shared.require_analysis()
+    if current:
+        rollout_view(current, state)
+
+
+if __name__ == "__main__":
+    shared.show("rollout", render)

@@ -1,26 +1,23 @@
-"""What every page shares: the service, the current analysis, job progress and share links.
-(Not a page itself: app.py lists the pages explicitly.)"""
+"""What every page shares: the service, the current analysis, job progress and share links, and
+`show`, which draws a view inside the app. (Not a page itself: app.py lists the pages.)"""
 
 from __future__ import annotations
 
 import functools
-import re
-import runpy
+import importlib
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlencode
 
 import streamlit as st
-from streamlit.runtime.pages_manager import PagesManager
 
 from backend.analyses import AnalysisRequest
 from backend.errors import (AtlasError, CacheFileError, InputError, JobInterrupted,
                             WorkerUnavailable)
 from backend.models import PACKAGED
-from backend.service import AtlasService
+from backend.service import AnalysisRecord, AtlasService, JobStatus
 from backend.serving.client import WorkerClient, worker_from_env
-from backend.store import AnalysisRecord
-from backend.worker import JobStatus
 from pages import cache_recovery, kind_views, view_state
 from viz.math_text import inert
 
@@ -54,6 +51,40 @@ def page(name: str) -> st.Page:
 
 UNAVAILABLE = "The worker is unavailable, retrying…"
 INTERRUPTED = "The worker restarted; the analysis was interrupted. It has been started again."
+
+
+_app = threading.local()  # whether this thread's script run is the app's (see `show`)
+
+
+def run(navigation: st.Page) -> None:
+    """Run the page the app's navigation picked (app.py calls it after drawing the sidebar)."""
+    _app.running = True
+    try:
+        navigation.run()
+    finally:
+        _app.running = False
+
+
+def show(name: str, render) -> None:
+    """Draw the view `name` (a page file's last line): `render(state)` with the state its link
+    asks for, or the link's error. On a fresh server, Streamlit runs the page file of the very
+    first request alone, without app.py, until the app first declares its navigation (its
+    pages-folder mode): then declare it now and rerun, which opens the whole app on this view
+    with this link."""
+    if not getattr(_app, "running", False):
+        st.navigation([page(n) for n in PAGES], position="hidden")
+        st.rerun()
+    try:
+        state = view_state.parse(name, st.query_params.to_dict())
+    except InputError as e:
+        st.error(str(e))
+        return
+    render(state)
+
+
+def show_inside(name: str) -> None:
+    """Draw the view `name` inside another page (a lesson step), for the link's state."""
+    show(name, importlib.import_module(f"pages.{name}").render)
 
 
 @st.cache_resource
@@ -281,18 +312,3 @@ def share_link(params: dict, caption: str = "Link to this view") -> None:
 
 
 plain = inert  # user text made inert inside markdown labels: no markup, no HTML, as typed
-
-
-def _leave_legacy_pages_mode() -> None:
-    """Streamlit runs apps with a pages/ folder in its legacy mode until app.py first calls
-    st.navigation: on a fresh server the first request for a page URL runs that page's file
-    alone (no sidebar, no navigation). Run app.py instead, once, and stop the page's own run.
-    (URL paths equal file names, so that first request finds the file rather than a
-    "page not found" dialog.)"""
-    if PagesManager.uses_pages_directory:
-        PagesManager.uses_pages_directory = False
-        runpy.run_path(str(PAGES_DIR.parent / "app.py"), run_name="__main__")
-        st.stop()
-
-
-_leave_legacy_pages_mode()  # last: app.py, run from here, imports this module's names

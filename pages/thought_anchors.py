@@ -1,22 +1,23 @@
 """Thought Anchors: which sentences of a reasoning trace matter (Bogdan et al., 2025)."""
 
+from dataclasses import replace
+
 import numpy as np
 import streamlit as st
 
-from backend.analyses import AnalysisRequest
 from backend.analyses.thought_anchors import METRICS, WORKED_EXAMPLE
 from backend.examples import REASONING_EXAMPLE
-from backend.methods.thought_anchors.tags import TAG_COLORS
-from pages import shared
+from pages import shared, view_requests
 from pages.thought_anchors_resampling import resampling_part
+from pages.view_requests import thought_anchors as requests
+from pages.view_state import IMPORT_SOURCE, PUBLISHED_SOURCE, TRACE_SOURCES as SOURCES
 from viz import export
 from viz.math_text import math_markdown
-from viz.thought_anchors import link_graph, sentence_list, sentence_matrix, tag_legend
+from viz.thought_anchors import (TAG_COLORS, link_graph, sentence_list, sentence_matrix,
+                                 tag_legend)
 
 TRACE_PARAM = "t"
 PENDING = "ta_pending"  # the trace being written or split for this session
-PUBLISHED_SOURCE, IMPORT_SOURCE = "Published example", "Import a published trace"
-SOURCES = [PUBLISHED_SOURCE, WORKED_EXAMPLE, "Your problem", IMPORT_SOURCE]
 PUBLISHED_NOTE = """A real reasoning trace: DeepSeek-R1-Distill-Qwen-14B solving a MATH problem,
 with the authors' own results (100 rollouts per sentence, suppression matrix, LLM-labelled
 tags), from Bogdan, Macar, Nanda & Conmy (2025), shipped with the app under the MIT licence."""
@@ -72,18 +73,15 @@ def _open_pending(source: str) -> None:
     if not pending or pending["source"] != source:
         st.session_state.pop(PENDING, None)
         return
-    model, problem, solution = pending["model"], pending["problem"], pending["trace"]
-    if not solution:
-        generated = shared.derived(AnalysisRequest.make("ta_generate", model, problem),
-                                   f"{model} writes a solution")
-        if not generated:
+    model = pending["model"]
+    labels = {"ta_generate": f"{model} writes a solution", "ta_trace": "Splitting the trace"}
+    for request in view_requests.trace(model, pending["problem"], pending["answer"],
+                                       pending["trace"], shared.service()):
+        trace = shared.derived(request, labels[request.kind])
+        if not trace:
             return
-        solution = shared.service().analysis(generated).meta["solution"]
-    trace = shared.derived(AnalysisRequest.make("ta_trace", model, solution, problem=problem,
-                                                answer=pending["answer"]), "Splitting the trace")
-    if trace:
-        del st.session_state[PENDING]
-        st.query_params[TRACE_PARAM] = trace
+    del st.session_state[PENDING]
+    st.query_params[TRACE_PARAM] = trace
 
 
 def choose_trace() -> None:
@@ -146,15 +144,16 @@ def _answer(answer: str | None) -> str:
     return math_markdown(f"\\({answer}\\)") if latex else shared.plain(answer)
 
 
-def own_trace_parts(record) -> dict[str, str | None]:
+def own_trace_parts(record, state) -> dict[str, str | None]:
     """Run (or fetch) the white-box passes and, on request, the resampling of an own trace."""
-    base = dict(record.params)
-    parts = {"receivers": shared.derived(AnalysisRequest.make(
-        "ta_receivers", record.model, record.text, **base), "Receiver heads")}
-    if st.toggle("Attention suppression", key="ta_supp", bind="query-params",
-                 help="One forward pass per sentence."):
-        parts["suppression"] = shared.derived(AnalysisRequest.make(
-            "ta_suppression", record.model, record.text, **base), "Attention suppression")
+    suppression = st.toggle("Attention suppression", key="ta_supp", bind="query-params",
+                            help="One forward pass per sentence.")
+    wanted = {r.kind: r for r in requests(replace(state, t=record.id, ta_supp=suppression,
+                                                  ta_resample=False), shared.service())}
+    parts = {"receivers": shared.derived(wanted["ta_receivers"], "Receiver heads")}
+    if suppression:
+        parts["suppression"] = shared.derived(wanted["ta_suppression"],
+                                              "Attention suppression")
     with st.container(border=True):
         parts["resampling"] = resampling_part(record, parts)
     return parts
@@ -172,17 +171,9 @@ def per_sentence_scores(trace_id, record, parts) -> dict[str, np.ndarray]:
     return scores
 
 
-st.header("Thought Anchors")
-st.caption("Which sentences of a reasoning trace matter: resampling, receiver heads and "
-           "attention suppression, on any trace and any causal model.")
-trace_id = st.query_params.get(TRACE_PARAM)
-with st.expander("Choose a trace", expanded=trace_id is None):
-    choose_trace()
-trace_id = st.query_params.get(TRACE_PARAM)
-record = None
-if trace_id:
-    record = shared.load_analysis(trace_id, shared.kind_views.TRACES)
-if record:
+def trace_view(trace_id: str, record, state) -> None:
+    """The trace's sentences coloured by a score, its sentence matrices, its receiver heads,
+    one sentence in detail, and the downloads."""
     meta, chunks = record.meta, record.meta["chunks"]
     model_label = meta.get("model_label", record.model)
     st.markdown(f"**Problem:** {math_markdown(meta['problem'])}")
@@ -198,7 +189,7 @@ if record:
                    "through this problem (the paper's traces come from 8B and 14B reasoning "
                    "models). The scores below describe its text, not its reasoning: open the "
                    "published example to see real anchors.")
-    parts = {} if record.kind == "ta_published" else own_trace_parts(record)
+    parts = {} if record.kind == "ta_published" else own_trace_parts(record, state)
     scores = per_sentence_scores(trace_id, record, parts)
     matrices = _matrices(trace_id, record, parts)
     left, right = st.columns([3, 2])
@@ -276,3 +267,22 @@ if record:
                 "ta_metric", "ta_matrix", "ta_links", "ta_supp", "ta_resample", "ta_r",
                 "ta_head", "ta_engine", "ta_tokens", "ta_which", "ta_flagged")},
             "ta_s": None if sentence is None else f"{sentence}: {chunks[sentence][:60]}"})
+
+
+def render(state) -> None:
+    st.header("Thought Anchors")
+    st.caption("Which sentences of a reasoning trace matter: resampling, receiver heads and "
+               "attention suppression, on any trace and any causal model.")
+    trace_id = st.query_params.get(TRACE_PARAM)
+    with st.expander("Choose a trace", expanded=trace_id is None):
+        choose_trace()
+    trace_id = st.query_params.get(TRACE_PARAM)
+    record = None
+    if trace_id:
+        record = shared.load_analysis(trace_id, shared.kind_views.TRACES)
+    if record:
+        trace_view(trace_id, record, state)
+
+
+if __name__ == "__main__":
+    shared.show("thought_anchors", render)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from backend.analyses import AnalysisRequest
 from backend.examples import REASONING_SAMPLING
-from pages import shared
+from pages import shared, view_requests
+from pages.view_state import RESAMPLE_WHICH as WHICH
 
 PAPER = ("The paper used 100 rollouts per sentence at temperature 0.6 and top-p 0.95, each "
          "continuing to the answer (at most 16,384 new tokens).")
-WHICH = ["Every sentence", "Flagged by receiver heads", "Flagged by suppression", "Chosen"]
 
 
 def _engine_defaults(engines: dict[str, dict]) -> None:
@@ -93,11 +92,8 @@ def resampling_part(record, parts: dict) -> str | None:
     if not st.toggle("Run the resampling", key="ta_resample", bind="query-params",
                      help="Saved as each rollout finishes: a stopped job resumes."):
         return None
-    selection = {} if chunks is None else {"chunks": chunks}
-    done = shared.derived(AnalysisRequest.make(
-        "ta_resampling", record.model, record.text, engine=name, rollouts=rollouts,
-        max_new_tokens=tokens, **REASONING_SAMPLING, **selection,
-        **dict(record.params)), f"Resampling on {engine['label']}")
+    done = shared.derived(view_requests.resampling(record, engine, rollouts, tokens, chunks),
+                          f"Resampling on {engine['label']}")
     if done:
         st.button(f"Add {rollouts} more rollouts per sentence", on_click=_add_rollouts,
                   args=(rollouts,), help="Keeps the saved rollouts and samples only the new ones.")

@@ -12,6 +12,19 @@ import pandas as pd
 from viz.math_text import math_markdown
 from viz.token_text import shade
 
+# The function tags of the Thought Anchors taxonomy (published and heuristic), as drawn.
+TAG_COLORS = {
+    "problem_setup": "#4285F4",
+    "plan_generation": "#EA4335",
+    "fact_retrieval": "#FBBC05",
+    "active_computation": "#34A853",
+    "uncertainty_management": "#9C27B0",
+    "self_checking": "#FF9800",
+    "result_consolidation": "#00BCD4",
+    "final_answer_emission": "#795548",
+    "unknown": "#9E9E9E",
+}
+
 
 def sentence_list(chunks: list[str], scores: np.ndarray | None, tags: list[str],
                   colors: dict[str, str], selected: int | None = None) -> str:

@@ -8,6 +8,7 @@ import pytest
 
 from backend.errors import InputError
 from backend.lessons import VIEW_PAGES, parse_view, read_lesson, read_lessons, step_requests
+from pages import view_requests
 from pages.shared import PAGES
 from tests.conftest import REPO_ROOT
 
@@ -131,3 +132,25 @@ def test_step_requests_use_the_page_defaults_for_values_its_widgets_refuse(servi
     # "5" is not how the target widget spells a token ("5 ·the"): the page uses its default.
     assert requests["gradient_rollout"] == {"target": n_tokens - 1}
     assert requests["attention_flow"] == {"head_fusion": "mean"}
+
+
+def test_every_view_but_the_lessons_has_a_requests_function():
+    assert set(view_requests.REQUESTS) == set(PAGES) - {"lessons"}
+
+
+def test_head_importance_step_requests_follow_the_pages_defaults(service):
+    lesson = read_lessons(LESSONS).get("04-which-heads-matter")
+    step = lesson.steps[0]
+    service.run(lesson.requests(step)[0], timeout=300)
+
+    def requested(**params):
+        odd = type(step)(step.title, "head_importance", params, "")
+        return [(r.kind, dict(r.params)) for r in step_requests(lesson, odd, service)][1:]
+
+    # A role colours the grid from head_roles: no importance job; pruning by the first method.
+    assert requested(hi_score="induction") == [
+        ("head_roles", {}), ("pruning_curve", {"method": "gradient", "recompute": False})]
+    # A score the selectbox does not offer falls back to its first entry, as on the page.
+    assert requested(hi_score="bogus", hi_prune="ablation", hi_recompute="true") == [
+        ("head_importance", {"method": "gradient"}), ("head_roles", {}),
+        ("pruning_curve", {"method": "ablation", "recompute": True})]

@@ -11,7 +11,7 @@ from backend.analyses import AnalysisRequest
 from backend.examples import COMPARISON_EXAMPLE
 from tests.conftest import REPO_ROOT
 
-LAUNCHER = f"import runpy; runpy.run_path({str(REPO_ROOT / 'app.py')!r}, run_name='__main__')"
+LAUNCHER = "from app import main\nmain()"
 PAGE = str(REPO_ROOT / "pages/compare.py")
 
 

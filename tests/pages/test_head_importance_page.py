@@ -13,7 +13,7 @@ from tests.conftest import REPO_ROOT
 TEXT = "The cat sat on the mat because it was warm."
 PAIR = "A man is playing a guitar. Someone plays an instrument on stage."
 PAGE = str(REPO_ROOT / "pages/head_importance.py")
-LAUNCHER = f"import runpy; runpy.run_path({str(REPO_ROOT / 'app.py')!r}, run_name='__main__')"
+LAUNCHER = "from app import main\nmain()"
 
 
 def app(**params) -> AppTest:

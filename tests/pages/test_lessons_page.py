@@ -15,7 +15,7 @@ from tests.conftest import REPO_ROOT
 
 LESSONS = read_lessons(REPO_ROOT / "lessons")
 STEPS = [(lesson.slug, i) for lesson in LESSONS.lessons for i in range(len(lesson.steps))]
-LAUNCHER = f"import runpy; runpy.run_path({str(REPO_ROOT / 'app.py')!r}, run_name='__main__')"
+LAUNCHER = "from app import main\nmain()"
 PAGE = str(REPO_ROOT / "pages/lessons.py")
 
 

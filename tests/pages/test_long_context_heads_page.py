@@ -14,7 +14,7 @@ TEXT = "The cat sat on the mat because it was warm."
 SMALL = {"lengths": [300], "depths": [0.5], "max_new_tokens": 8, "bins": 64,
          "passkey_length": 300, "sink": 8, "recent": 32}  # as in the analyses test: one probe
 PAGE = str(REPO_ROOT / "pages/long_context_heads.py")
-LAUNCHER = f"import runpy; runpy.run_path({str(REPO_ROOT / 'app.py')!r}, run_name='__main__')"
+LAUNCHER = "from app import main\nmain()"
 
 
 def app(**params) -> AppTest:

@@ -19,7 +19,7 @@ def default_id(service):
 
 # Run app.py from a script outside the repository: next to a `pages/` folder AppTest falls back
 # to Streamlit's legacy pages-folder mode and reruns page files without app.py.
-LAUNCHER = f"import runpy; runpy.run_path({str(REPO_ROOT / 'app.py')!r}, run_name='__main__')"
+LAUNCHER = "from app import main\nmain()"
 
 
 def app(page: str | None = None, **params) -> AppTest:

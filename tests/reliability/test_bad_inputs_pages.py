@@ -16,7 +16,7 @@ from pages.shared import PAGES
 from tests.conftest import REPO_ROOT
 from tests.reliability.inputs import BAD_TEXTS, MARKUP, published_files
 
-LAUNCHER = f"import runpy; runpy.run_path({str(REPO_ROOT / 'app.py')!r}, run_name='__main__')"
+LAUNCHER = "from app import main\nmain()"
 SOLUTION = "First, 3 pencils cost $1. So 27 pencils cost 9 dollars. The answer is \\boxed{9}."
 ATTENTION_PAGES = [p for p in PAGES if p not in ("compare", "thought_anchors", "lessons")]
 ID_PARAM = {**{p: "a" for p in ATTENTION_PAGES}, "compare": "b", "thought_anchors": "t",

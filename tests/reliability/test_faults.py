@@ -175,7 +175,7 @@ def test_a_second_process_on_the_same_cache_is_told_it_is_in_use(held):
     assert "PID" in str(info.value)  # which process: DuckDB names it
 
 
-LAUNCHER = f"import runpy; runpy.run_path({str(REPO_ROOT / 'app.py')!r}, run_name='__main__')"
+LAUNCHER = "from app import main\nmain()"
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from backend.analyses import AnalysisRequest
 from tests.conftest import REPO_ROOT
 
 SESSIONS = 20
-LAUNCHER = f"import runpy; runpy.run_path({str(REPO_ROOT / 'app.py')!r}, run_name='__main__')"
+LAUNCHER = "from app import main\nmain()"
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ InputError with a clear message, never another exception; valid states survive a
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from hypothesis import given, settings, strategies as st
@@ -12,7 +13,9 @@ from backend.store import AnalysisRecord
 from pages import kind_views, view_state
 from pages.shared import PAGES
 
-NAMES = ["a", "b", "t", "lc", "lesson", "step", "present", "layer", "head"]
+NAMES = ["a", "b", "t", "lc", "lesson", "step", "present", "layer", "head", "target", "fusion",
+         "flow", "hi_score", "hi_prune", "hi_recompute", "cmp_importance", "ta_source",
+         "ta_supp", "ta_resample", "ta_which", "ta_engine", "ta_r", "ta_tokens", "lc_lengths"]
 any_text = st.text(st.characters(codec=None), max_size=40) | st.sampled_from(
     ["", " ", "\0", "0" * 24, "f" * 24, "F" * 24, "0" * 25, "-1", "9" * 5000, "\u0663",
      "true", "True", "<script>"])
@@ -38,8 +41,18 @@ def test_any_query_gives_a_state_or_a_clear_message(view, query):
     for name in ("a", "b", "t", "lc"):
         value = getattr(state, name, None)
         assert value is None or re.fullmatch("[0-9a-f]{24}", value)
+    for f in dataclasses.fields(state):  # a setting its widget would refuse: the default
+        if "choices" in f.metadata:
+            value = getattr(state, f.name)
+            assert value in f.metadata["choices"]
+            assert value == query.get(f.name) or value == f.default
+        if isinstance(f.default, bool):
+            assert getattr(state, f.name) is (query.get(f.name) == "true")
+    for name in ("ta_r", "ta_tokens"):
+        value = getattr(state, name, None)
+        assert value is None or value == int(query[name])
     if isinstance(state, view_state.LessonView):
-        assert isinstance(state.step, int) and 1 <= state.step < 10 ** view_state.MAX_STEP_DIGITS
+        assert isinstance(state.step, int) and 1 <= state.step < 10 ** view_state.MAX_DIGITS
         raw = query.get("step", "")
         if re.fullmatch("[1-9][0-9]{0,5}", raw):
             assert state.step == int(raw)  # a plain positive number is kept exactly
@@ -50,9 +63,13 @@ def test_any_query_gives_a_state_or_a_clear_message(view, query):
        lesson=st.none() | st.text(min_size=1, max_size=20),
        step=st.integers(1, 999_999), present=st.booleans())
 def test_valid_states_survive_a_round_trip(a, b, t, lesson, step, present):
-    for state in (view_state.AnalysisView(a), view_state.CompareView(a, b),
+    for state in (view_state.AnalysisView(a), view_state.CompareView(a, b, present),
                   view_state.TraceView(t), view_state.ProbeView(a, b),
-                  view_state.LessonView(lesson, step, present)):
+                  view_state.LessonView(lesson, step, present),
+                  view_state.RolloutView(a, lesson, "max", present),
+                  view_state.HeadImportanceView(a, "induction", "ablation", present),
+                  view_state.TraceView(t, view_state.TRACE_SOURCES[1], present, True,
+                                       view_state.RESAMPLE_WHICH[0], lesson, step, step)):
         view = next(v for v, cls in view_state.VIEWS.items() if cls is type(state))
         assert view_state.parse(view, view_state.to_query(state)) == state
 

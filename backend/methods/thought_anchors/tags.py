@@ -9,18 +9,6 @@ from __future__ import annotations
 
 import re
 
-TAG_COLORS = {
-    "problem_setup": "#4285F4",
-    "plan_generation": "#EA4335",
-    "fact_retrieval": "#FBBC05",
-    "active_computation": "#34A853",
-    "uncertainty_management": "#9C27B0",
-    "self_checking": "#FF9800",
-    "result_consolidation": "#00BCD4",
-    "final_answer_emission": "#795548",
-    "unknown": "#9E9E9E",
-}
-
 _RULES: list[tuple[str, re.Pattern]] = [
     ("final_answer_emission", re.compile(r"\\boxed|final answer|the answer is", re.I)),
     ("self_checking", re.compile(r"\b(let me (check|verify|double.check)|verify|double.check|"
