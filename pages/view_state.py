@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Mapping
 
 from backend.analyses.heads import METHODS, ROLES
-from backend.analyses.params import HEAD_FUSIONS
+from backend.analyses.rollout import HEAD_FUSIONS
 from backend.analyses.thought_anchors import WORKED_EXAMPLE
 from backend.errors import InputError
 
