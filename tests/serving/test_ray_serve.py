@@ -61,7 +61,11 @@ class RayWorker:
         """Each model-worker replica's info (id, pid, models, its jobs' states); they answer
         between jobs."""
         handle = serve.get_deployment_handle("ModelWorker", app_name=APP_NAME)
-        return sorted(handle.broadcast("info").results(), key=lambda r: r["replica"])
+        # On a thread of its own: a handle's sync calls refuse a thread whose event loop runs
+        # (the browser tests' Playwright leaves one on the main thread).
+        with ThreadPoolExecutor(1) as thread:
+            infos = thread.submit(lambda: handle.broadcast("info").results()).result()
+        return sorted(infos, key=lambda r: r["replica"])
 
     def env(self) -> dict[str, str]:
         """The environment of a client process (the app): its own cache folder, never used."""
