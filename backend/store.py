@@ -55,9 +55,13 @@ class _BlobWriter:
         return self.part
 
 
+def _tables(cur, prefix: str) -> list[str]:
+    return [t for (t,) in cur.execute("SELECT table_name FROM duckdb_tables() WHERE starts_with("
+                                      "table_name, ?)", [prefix + "_"]).fetchall()]
+
+
 def _drop_tables(cur, prefix: str) -> None:
-    for (table,) in cur.execute("SELECT table_name FROM duckdb_tables() WHERE starts_with("
-                                "table_name, ?)", [prefix + "_"]).fetchall():
+    for table in _tables(cur, prefix):
         cur.execute(f"DROP TABLE {table}")
 
 
@@ -256,8 +260,16 @@ class Store:
                 raise AtlasError(f"The cache could not hold an array of this analysis in memory "
                                  f"({e}). Raise ATLAS_STORE_MEMORY_MB above its largest "
                                  "array.") from None
+            except duckdb.Error as e:  # e.g. its tables dropped by another Store on this file
+                _drop_tables(cur, writer.prefix)
+                raise AtlasError(f"The analysis could not be saved ({e}); run the analysis "
+                                 "again.") from None
             cur.execute("BEGIN TRANSACTION")
             try:
+                if len(_tables(cur, writer.prefix)) != writer.part + 1:
+                    # another Store on this file opened meanwhile and took them for leftovers
+                    raise AtlasError("The cache file was opened again while this analysis was "
+                                     "being saved; run the analysis again.")
                 if catalogue:
                     cur.executemany("INSERT INTO arrays (analysis_id, name, dtype, shape, "
                                     "nbytes, part) VALUES (?, ?, ?, ?, ?, ?)", catalogue)
