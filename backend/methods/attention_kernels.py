@@ -20,26 +20,14 @@ import triton.language as tl
 
 from backend.methods.exact import AttentionRule
 from backend.methods.reductions import BlockMeans, HeadStatistics
+from backend.triton_runtime import INTERPRETED, loop_bound
 
 # (rows, keys, warps, stages) per program of each pass, tuned on an H200 (bf16, head_dim 128).
 LSE_BLOCKS = (128, 128, 8, 2)
 REDUCE_BLOCKS = (128, 64, 4, 2)
-# Kernels decorated under TRITON_INTERPRET=1 run in Triton's interpreter (the CPU tests).
-INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
 MASKED = tl.constexpr(-1e30)  # pass 2's masked logit: p = 0 and p (lse - s) = 0, not NaN
 # Per-row terms of pass 2, in this order (HeadStatistics.add_terms takes them by name).
 TERMS = ("entropy", "first", "previous", "self", "near_mass", "near_dist", "row_mass")
-
-
-@triton.jit
-def _bound(x):
-    """A runtime loop bound: itself when compiled; a Python int in the interpreter, whose
-    range() cannot index its one-element scalars under numpy >= 2.4 (Triton issue 9171). Call it
-    inside range(): the interpreter turns every assigned value back into a tensor."""
-    if INTERPRETED:
-        return x.handle.data.item()
-    else:
-        return x
 
 
 @triton.jit
@@ -110,7 +98,7 @@ def _lse_kernel(Q, K, T, group, scaling, window,
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     start, last = _key_range(q_lo, q_lo + BLOCK_M, T, window, CAUSAL, WINDOW, BLOCK_N)
-    for k_lo in range(_bound(start), _bound(last), BLOCK_N):
+    for k_lo in range(loop_bound(start), loop_bound(last), BLOCK_N):
         cols = k_lo + tl.arange(0, BLOCK_N)
         s = _logits(q, K, k_base, cols, d, T, stride_kt, stride_kd, scaling, D, PRECISION)
         if _partial(q_lo, k_lo, T, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N):
@@ -153,7 +141,7 @@ def _reduce_kernel(Q, K, T, group, scaling, window,
     near_mass = tl.zeros([BLOCK_M], tl.float32)
     near_dist = tl.zeros([BLOCK_M], tl.float32)
     start, last = _key_range(q_lo, q_hi, T, window, CAUSAL, WINDOW, BLOCK_N)
-    for k_lo in range(_bound(start), _bound(last), BLOCK_N):
+    for k_lo in range(loop_bound(start), loop_bound(last), BLOCK_N):
         cols = k_lo + tl.arange(0, BLOCK_N)
         s = _logits(q, K, k_base, cols, d, T, stride_kt, stride_kd, scaling, D, PRECISION)
         distance = rows[:, None] - cols[None, :]
@@ -169,8 +157,8 @@ def _reduce_kernel(Q, K, T, group, scaling, window,
                 tl.store(out, tl.load(out, mask=rows < T, other=0.0) + row, mask=rows < T)
             else:
                 span = tl.load(SPAN + cols, mask=cols < T, other=-1)
-                for b in range(_bound(tl.load(SPAN_LO + block)),
-                               _bound(tl.load(SPAN_HI + block)) + 1):
+                for b in range(loop_bound(tl.load(SPAN_LO + block)),
+                               loop_bound(tl.load(SPAN_HI + block)) + 1):
                     out = ROW_SUMS + (head * n_spans + b) * chunk + local
                     part = tl.sum(tl.where(span[None, :] == b, p, 0.0), 1)
                     tl.store(out, tl.load(out, mask=rows < T, other=0.0) + part, mask=rows < T)

@@ -9,10 +9,11 @@ next one), so rows never idle while work is left. Each decoding step is one forw
 positions, L rounded up to a bucket; on CUDA each bucket's step is captured once as a CUDA graph
 and replayed (no Python or kernel-launch overhead per layer). Attention runs on sdpa, never eager
 (the model's implementation is switched for the run and restored). For the one-token decoding
-steps on CUDA, each bucket is captured twice, with sdpa and with `grouped_decode_attention`
-(two batched matrix products over the key/value heads: sdpa's masked kernels read a row's whole
-cache in one block, which leaves most of the GPU's memory bandwidth unused at this shape), and
-the faster graph is kept. The CPU runs the same code without graphs.
+steps on CUDA, each bucket is captured with each decoding attention of `DECODE_ATTENTION` and
+the fastest graph is kept: sdpa; `grouped` (two batched matrix products over the key/value
+heads, no repeated keys); `kernel` (`decode_kernel`: split-key flash decoding that reads each
+row's keys up to its own position only; sdpa's masked kernels read every row's whole bucket, and
+expand the key/value heads first). The CPU runs the same code without graphs, on sdpa.
 """
 
 from __future__ import annotations
@@ -43,27 +44,40 @@ CHECK_EVERY = 8  # tokens between answer / repetition checks of a row
 
 
 ATTENTION = "atlas_rollouts"
-_decode = {"grouped": False}  # read while a step is traced or captured
+DECODE_ATTENTION = ("sdpa", "grouped", "kernel")
+# Read while a decoding step is traced or captured: which attention, and the static cache's
+# (row,) query positions (the kernel reads them on the device, so a graph replays them).
+_decode: dict = {"attention": "sdpa", "positions": None}
 
 
-def grouped_decode_attention(module, query, key, value, attention_mask, scaling=None,
-                             dropout=0.0, **kwargs):
-    """Attention of one query token per row: query (row, head, 1, dim) as (row, kv_head, group,
-    dim) against key/value (row, kv_head, L, dim), the boolean mask (row, 1, 1, L); softmax in
-    float32. Anything else (prefill, `_decode["grouped"]` off) goes to sdpa."""
-    if query.shape[2] != 1 or not _decode["grouped"] or kwargs.get("softcap") is not None:
+def decode_step_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                          **kwargs):
+    """Attention of one query token per row: query (row, head, 1, dim) against key/value
+    (row, kv_head, L, dim) and the boolean mask (row, 1, 1, L), by `_decode["attention"]`.
+    Anything else (prefill, soft-capping, sink logits) goes to sdpa."""
+    how = _decode["attention"]
+    scale = scaling or query.shape[-1] ** -0.5
+    if query.shape[2] != 1 or how == "sdpa" or kwargs.get("softcap") is not None \
+            or kwargs.get("s_aux") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     rows, heads, _, dim = query.shape
+    if how == "kernel":
+        from backend.rollouts import decode_kernel  # Triton: imported only where it runs
+
+        window = _layer_window(module.config, module.layer_idx)
+        out = decode_kernel.decode_attention(query[:, :, 0], key, value, _decode["positions"],
+                                             scale, window)
+        return out[:, None], None
     grouped = query.reshape(rows, key.shape[1], heads // key.shape[1], dim)
-    scores = torch.matmul(grouped, key.transpose(2, 3)).float() * (scaling or dim ** -0.5)
+    scores = torch.matmul(grouped, key.transpose(2, 3)).float() * scale
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask, float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
     return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTENTION, grouped_decode_attention)
+AttentionInterface.register(ATTENTION, decode_step_attention)
 
 
 def bucket(length: int, capacity: int) -> int:
@@ -120,6 +134,14 @@ class SlotCache:
             self.values[layer][rows, :, :t] = v[0]
 
 
+def _layer_window(config, layer: int) -> int | None:
+    """The sliding window of `layer`, as `_masks` applies it (None: full attention)."""
+    types = getattr(config, "layer_types", None) or ()
+    window = getattr(config, "sliding_window", None)
+    return window if window and layer < len(types) and types[layer] == "sliding_attention" \
+        else None
+
+
 def _masks(config, key_index: torch.Tensor, query_pos: torch.Tensor):
     """Attention mask(s) for queries at `query_pos` (rows, q) over keys `key_index` (L,):
     (rows, 1, q, L) bool, or {layer type: mask} for models with sliding-window layers."""
@@ -135,7 +157,7 @@ def _masks(config, key_index: torch.Tensor, query_pos: torch.Tensor):
 @contextlib.contextmanager
 def sdpa_attention(model: nn.Module):
     """Run with sdpa attention (models loaded for attention capture use eager), through
-    `grouped_decode_attention`; restore the model's own afterwards."""
+    `decode_step_attention`; restore the model's own afterwards."""
     previous = model.config._attn_implementation
     if previous != ATTENTION:
         model.set_attn_implementation(ATTENTION)
@@ -225,14 +247,21 @@ class EmbeddedEngine:
         return logits
 
     def _capture(self):
-        """The faster of the sdpa and the grouped decoding graphs of this bucket."""
+        """The fastest of this bucket's decoding graphs, one per `DECODE_ATTENTION`."""
         timed = []
-        for grouped in (False, True):
-            _decode["grouped"] = grouped
+        for how in DECODE_ATTENTION:
+            _decode.update(attention=how, positions=self.cache.pos)
             try:
                 graph, logits = self._capture_one()
+            except Exception as e:  # e.g. a kernel this GPU cannot compile: the others remain
+                if how == "sdpa":
+                    raise
+                log.warning("decoding graph with %s attention failed (%s: %s)", how,
+                            type(e).__name__, e)
+                torch.cuda.synchronize(self.device)
+                continue
             finally:
-                _decode["grouped"] = False
+                _decode.update(attention="sdpa", positions=None)
             graph.replay()
             torch.cuda.synchronize(self.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -241,9 +270,9 @@ class EmbeddedEngine:
                 graph.replay()
             end.record()
             end.synchronize()
-            timed.append((start.elapsed_time(end), grouped, graph, logits))
-        seconds, grouped, graph, logits = min(timed, key=lambda t: t[0])
-        self.decode_attention[self.cache.length] = "grouped" if grouped else "sdpa"
+            timed.append((start.elapsed_time(end), how, graph, logits))
+        seconds, how, graph, logits = min(timed, key=lambda t: t[0])
+        self.decode_attention[self.cache.length] = how
         return graph, logits
 
     def _capture_one(self):
