@@ -14,20 +14,21 @@ Shapes: query (head, T, head_dim), key (key_head, T, head_dim), any strides; lse
 
 from __future__ import annotations
 
+from functools import lru_cache
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from backend.methods.exact import AttentionRule
-from backend.methods.reductions import BlockMeans, HeadStatistics
+from backend.methods.reductions import ROW_TERMS, BlockMeans, HeadStatistics, span_index
 from backend.triton_runtime import INTERPRETED, loop_bound
 
 # (rows, keys, warps, stages) per program of each pass, tuned on an H200 (bf16, head_dim 128).
 LSE_BLOCKS = (128, 128, 8, 2)
 REDUCE_BLOCKS = (128, 64, 4, 2)
 MASKED = tl.constexpr(-1e30)  # pass 2's masked logit: p = 0 and p (lse - s) = 0, not NaN
-# Per-row terms of pass 2, in this order (HeadStatistics.add_terms takes them by name).
-TERMS = ("entropy", "first", "previous", "self", "near_mass", "near_dist", "row_mass")
 
 
 @triton.jit
@@ -179,16 +180,16 @@ def _reduce_kernel(Q, K, T, group, scaling, window,
             elif k_lo <= q_hi - 1 - prox:
                 column = tl.sum(tl.where(distance >= prox, p, 0.0), 0)
                 tl.atomic_add(VERTICAL + head * T + cols, column, mask=cols < T, sem="relaxed")
-    if STATS:
+    if STATS:  # rows of reductions.ROW_TERMS; confidence's (5) comes from pass 1
         out = TERMS + head * chunk + local
         step = n_heads * chunk
-        tl.store(out, entropy, mask=rows < T)
+        tl.store(out, previous, mask=rows < T)
         tl.store(out + step, first, mask=rows < T)
-        tl.store(out + 2 * step, previous, mask=rows < T)
-        tl.store(out + 3 * step, itself, mask=rows < T)
-        tl.store(out + 4 * step, near_mass, mask=rows < T)
-        tl.store(out + 5 * step, near_dist, mask=rows < T)
-        tl.store(out + 6 * step, mass, mask=rows < T)
+        tl.store(out + 2 * step, itself, mask=rows < T)
+        tl.store(out + 3 * step, near_mass, mask=rows < T)
+        tl.store(out + 4 * step, entropy, mask=rows < T)
+        tl.store(out + 6 * step, near_dist, mask=rows < T)
+        tl.store(out + 7 * step, mass, mask=rows < T)
 
 
 def supported(rule: AttentionRule, reducers: list, query: torch.Tensor) -> bool:
@@ -223,16 +224,20 @@ def row_lse(q: torch.Tensor, k: torch.Tensor, rule: AttentionRule) -> tuple[torc
     return lse, top
 
 
-def _span_bounds(span: torch.Tensor, n_tokens: int, block_n: int) -> tuple[torch.Tensor, ...]:
-    """Per key block: the first and last span it meets (last < first where it meets none),
-    and the span that holds all its keys (-1 where none does)."""
-    pad = (-n_tokens) % block_n
-    blocks = torch.nn.functional.pad(span, (0, pad), value=-1).view(-1, block_n)
-    big = torch.iinfo(torch.int64).max
-    lo = torch.where(blocks >= 0, blocks, big).amin(1)
-    hi = blocks.amax(1)
-    one = torch.where((blocks == hi[:, None]).all(1), hi, -1)
-    return torch.where(hi >= 0, lo, 0), hi, one
+@lru_cache(maxsize=16)
+def _span_tables(spans: bytes, n_tokens: int, block_n: int,
+                 device: torch.device) -> tuple[torch.Tensor, ...]:
+    """On the device, from key spans (span, 2) int64: the span of each key (-1 outside every
+    span), and per key block the first and last span it meets (last < first where it meets
+    none) and the span that holds all its keys (-1 where none does). Cached: every layer of a
+    capture has the same, computed on the host once and copied without a sync."""
+    span = span_index(np.frombuffer(spans, dtype=np.int64).reshape(-1, 2), n_tokens)
+    blocks = np.pad(span, (0, (-n_tokens) % block_n), constant_values=-1).reshape(-1, block_n)
+    lo = np.where(blocks >= 0, blocks, np.iinfo(np.int64).max).min(1)
+    hi = blocks.max(1)
+    one = np.where((blocks == hi[:, None]).all(1), hi, -1)
+    return tuple(torch.as_tensor(a, dtype=torch.int64).to(device, non_blocking=True)
+                 for a in (span, np.where(hi >= 0, lo, 0), hi, one))
 
 
 def reduce_layer(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, top: torch.Tensor,
@@ -247,26 +252,26 @@ def reduce_layer(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, top: torch
     span = lo = hi = one = terms = vertical = empty
     n_spans = near = prox = 0
     if blocks is not None:
-        span = blocks.key_span_index()
-        lo, hi, one = _span_bounds(span, n_tokens, REDUCE_BLOCKS[1])
+        span, lo, hi, one = _span_tables(blocks.k_spans.tobytes(), n_tokens, REDUCE_BLOCKS[1],
+                                         device)
         n_spans = len(blocks.k_spans)
     if stats is not None:
         vertical = torch.zeros(n_heads, n_tokens, dtype=torch.float32, device=device)
         near, prox = stats.w, stats.prox
-    row_bytes, block_m = 4 * n_heads * (n_spans + len(TERMS)), REDUCE_BLOCKS[0]
+    row_bytes, block_m = 4 * n_heads * (n_spans + len(ROW_TERMS)), REDUCE_BLOCKS[0]
     step = max(block_m, chunk_bytes // row_bytes // block_m * block_m)
     for q0 in range(0, n_tokens, step):
         rows = min(step, n_tokens - q0)
         row_sums = torch.zeros(n_heads, n_spans, rows, dtype=torch.float32, device=device)
         if stats is not None:
-            terms = torch.empty(len(TERMS), n_heads, rows, dtype=torch.float32, device=device)
+            terms = torch.empty(len(ROW_TERMS), n_heads, rows, dtype=torch.float32,
+                                device=device)
         _launch(_reduce_kernel, REDUCE_BLOCKS, q, k, rule, lse, q0, rows, span, lo, hi, one,
                 row_sums, n_spans, terms, vertical, near, prox, rows=rows,
                 BLOCKS=blocks is not None, STATS=stats is not None)
         if blocks is not None:
             blocks.add_key_sums(q0, row_sums.transpose(1, 2))
-        if stats is not None:
-            named = dict(zip(TERMS, terms))
-            named["confidence"] = torch.exp(top[:, q0:q0 + rows] - lse[:, q0:q0 + rows])
+        if stats is not None:  # confidence: the largest weight, exp(max logit - lse)
+            torch.sub(top[:, q0:q0 + rows], lse[:, q0:q0 + rows], out=terms[5]).exp_()
             # column sums are complete only after the last chunk's launch
-            stats.add_terms(q0, named, vertical if q0 + rows == n_tokens else None)
+            stats.add_terms(q0, terms, vertical if q0 + rows == n_tokens else None)

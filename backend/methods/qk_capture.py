@@ -28,7 +28,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from backend.errors import ModelLoadError
-from backend.methods import exact
+from backend.methods import exact, reductions
 from backend.methods.exact import AttentionRule
 from backend.methods.hooks import attention_function
 from backend.progress import Progress
@@ -137,29 +137,35 @@ class LayerRecorder:
         self._rules: dict[tuple, AttentionRule] = {}  # masks are shared by layers: check once
         self._copies = None  # a side stream for device-to-host copies
 
-    def _host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host copy in the storage dtype; on a GPU through pinned memory on a side stream."""
-        tensor = tensor.to(storage_dtype(tensor, self.sixteen_bits))
-        if tensor.device.type != "cuda":
-            return tensor.contiguous().clone()
+    def _host(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Host copies in the storage dtype; on a GPU into pinned memory on a side stream,
+        without a sync (finish() waits for them)."""
+        tensors = [t.to(storage_dtype(t, self.sixteen_bits)) for t in tensors]
+        if tensors[0].device.type != "cuda":
+            return [t.contiguous().clone() for t in tensors]
         if self._copies is None:
-            self._copies = torch.cuda.Stream(tensor.device)
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        self._copies.wait_stream(torch.cuda.current_stream(tensor.device))
+            self._copies = torch.cuda.Stream(tensors[0].device)
+        self._copies.wait_stream(torch.cuda.current_stream(tensors[0].device))
+        hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
         with torch.cuda.stream(self._copies):
-            host.copy_(tensor, non_blocking=True)
-        tensor.record_stream(self._copies)
-        return host
+            for host, tensor in zip(hosts, tensors):
+                host.copy_(tensor, non_blocking=True)
+                tensor.record_stream(self._copies)
+        return hosts
 
     def finish(self) -> None:
+        """Per-layer results to the host, after the forward pass: one copy for every layer's
+        lse and one per kind of reducer (`reductions.results`)."""
         if self._copies is not None:
             self._copies.synchronize()
         pending = [layer for layer in self.layers if isinstance(layer.lse, torch.Tensor)]
-        if pending:  # one copy back for every layer's lse
-            lse = torch.stack([layer.lse for layer in pending]).cpu().numpy()
+        if not pending:
+            return
+        lse = torch.stack([layer.lse for layer in pending]).cpu().numpy()
+        done = iter(reductions.results([r for layer in pending for r in layer.reductions]))
         for i, layer in enumerate(pending):
             layer.lse = lse[i]
-            layer.reductions = [r.result() for r in layer.reductions]
+            layer.reductions = [next(done) for _ in layer.reductions]
 
     def _rule(self, mask, causal, window, scaling, n_tokens) -> AttentionRule:
         key = (None if mask is None else (mask.data_ptr(), tuple(mask.shape)), causal, window,
@@ -200,9 +206,8 @@ class LayerRecorder:
                                             **extra)
         else:
             out = output.transpose(0, 1)[None]
-        self.layers.append(LayerCapture(
-            rule, lse, self._host(q) if self.keep_qk else None,
-            self._host(k) if self.keep_qk else None, reducers))
+        kept = self._host(q, k) if self.keep_qk else (None, None)
+        self.layers.append(LayerCapture(rule, lse, *kept, reducers))
         if self.progress:
             self.progress(len(self.layers) / self.n_layers,
                           f"Layer {len(self.layers)}/{self.n_layers}")

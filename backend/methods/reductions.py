@@ -6,11 +6,14 @@ A reducer sees exact weights p (head, query, key) float32 of queries [q0, q0 + C
 
 - BlockMeans: mean attention of query spans x key spans (binned overviews, sentence blocks).
 - HeadStatistics: the head-role scores of `methods.heads.roles`, with the same definitions.
+
+`results(reducers)` gives every reducer's result() with one device-to-host copy per kind (the
+layers of a capture are summarised together after the forward pass, never one sync per layer).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -22,9 +25,39 @@ from backend.methods.thought_anchors.receivers import PROXIMITY_IGNORE
 
 
 MATMUL_SPANS = 512  # up to this many key spans, block sums are one product with a 0/1 matrix
+# Per-row terms (head, query) that HeadStatistics.add_terms sums, in this order: the first six
+# give the totals of ROLE_NAMES[:-1] (near_mass's row is turned into locality's), the last two
+# only enter locality.
+ROW_TERMS = ("previous", "first", "self", "near_mass", "entropy", "confidence", "near_dist",
+             "row_mass")
+if ROLE_NAMES[:-1] != ("previous_token", "first_token", "self", "locality", "entropy",
+                       "confidence"):
+    raise ImportError("HeadStatistics.add_terms sums ROW_TERMS in the order of ROLE_NAMES.")
 
 
-def _span_index(spans: np.ndarray, n_tokens: int) -> np.ndarray:
+def _grouped(items: list, key: Callable, compute: Callable[[list], list]) -> list:
+    """compute(group) -> one value per item, applied to each group of items of equal key(item);
+    the values in the order of items."""
+    groups: dict = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    out: list = [None] * len(items)
+    for members in groups.values():
+        for i, value in zip(members, compute([items[i] for i in members])):
+            out[i] = value
+    return out
+
+
+def results(reducers: list) -> list:
+    """[r.result() for r in reducers], reducers of one kind computed together (one copy to the
+    host per kind) where the kind has a static results()."""
+    def compute(group):
+        batched = getattr(type(group[0]), "results", None)
+        return batched(group) if batched is not None else [r.result() for r in group]
+    return _grouped(reducers, type, compute)
+
+
+def span_index(spans: np.ndarray, n_tokens: int) -> np.ndarray:
     """(token,) the span each token lies in, -1 outside every span."""
     index = np.full(n_tokens, -1)
     for i, (start, end) in enumerate(spans):
@@ -35,14 +68,13 @@ def _span_index(spans: np.ndarray, n_tokens: int) -> np.ndarray:
 @lru_cache(maxsize=16)
 def _on_device(spans: bytes, n_tokens: int | None, outside: int,
                device: torch.device) -> torch.Tensor:
-    """The spans (span, 2) on the device, or with n_tokens their `_span_index` (`outside` for
-    tokens outside every span). Cached: every layer has the same, and each host-to-device copy
-    is a sync."""
+    """The spans (span, 2) on the device, or with n_tokens their `span_index` (`outside` for
+    tokens outside every span). Cached: every layer has the same."""
     array = np.frombuffer(spans, dtype=np.int64).reshape(-1, 2).copy()
     if n_tokens is not None:
-        index = _span_index(array, n_tokens)
+        index = span_index(array, n_tokens)
         array = np.where(index < 0, outside, index)
-    return torch.as_tensor(array, device=device)
+    return torch.as_tensor(array).to(device, non_blocking=True)  # pageable: staged, no sync
 
 
 def _device_spans(spans: np.ndarray, device, n_tokens: int | None = None,
@@ -81,13 +113,9 @@ class BlockMeans:
         self.sums.index_add_(1, self.q_index[q0:q0 + sums.shape[1]], sums.double())
 
     def sorted_key_spans(self) -> bool:
-        """Whether key spans are in order and disjoint (then `key_span_index` says all)."""
+        """Whether key spans are in order and disjoint (then `span_index` says all)."""
         spans = self.k_spans
         return bool((spans[1:, 0] >= spans[:-1, 1]).all())
-
-    def key_span_index(self) -> torch.Tensor:
-        """(key,) int64 on the device: the key span each key lies in, -1 outside every span."""
-        return _device_spans(self.k_spans, self.device, self.n_tokens)
 
     def _key_sums(self, k0: int, p: torch.Tensor) -> torch.Tensor:
         """(head, query, key span) sums of p over each key span."""
@@ -106,12 +134,32 @@ class BlockMeans:
         return before(ends[:, 1]) - before(ends[:, 0])
 
     def result(self) -> np.ndarray:
-        sizes = (np.diff(self.q_spans)[:, 0][:, None] * np.diff(self.k_spans)[:, 0][None, :])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = self.sums[:, :-1].cpu().numpy() / sizes
-        return np.where(sizes > 0, out, np.nan).astype(np.float32)
+        return self.results([self])[0]
+
+    @staticmethod
+    def results(blocks: list["BlockMeans"]) -> list[np.ndarray]:
+        """result() of each, their sums copied to the host at once."""
+        host = torch.cat([b.sums.flatten() for b in blocks]).cpu().numpy()
+        out, offset = [], 0
+        for b in blocks:
+            sums = host[offset:offset + b.sums.numel()].reshape(b.sums.shape)[:, :-1]
+            offset += b.sums.numel()
+            sizes = (np.diff(b.q_spans)[:, 0][:, None] * np.diff(b.k_spans)[:, 0][None, :])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = sums / sizes
+            out.append(np.where(sizes > 0, mean, np.nan).astype(np.float32))
+        return out
 
 
+@lru_cache(maxsize=16)
+def _row_weights(q0: int, rows: int, w: int, device: torch.device) -> torch.Tensor:
+    """(6, 1, rows) float64: the weight of rows q0.. in each total of ROLE_NAMES[:-1] (the
+    positional roles count rows t >= 2, locality rows t >= w, entropy and confidence all).
+    Cached: every layer of a capture has the same."""
+    t = torch.arange(q0, q0 + rows, device=device)
+    late, far = (t >= 2).double(), (t >= w).double()
+    every = torch.ones_like(late)
+    return torch.stack([late, late, late, far, every, every])[:, None]
 
 
 class HeadStatistics:
@@ -121,9 +169,10 @@ class HeadStatistics:
                  proximity_ignore: int = PROXIMITY_IGNORE):
         self.n, self.prox = n_tokens, proximity_ignore
         self.w = max(1, min(window, n_tokens - 1))
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
-        self.totals = {name: zeros(n_heads) for name in ROLE_NAMES[:-1]}
-        self.vertical = zeros(n_heads, n_tokens)
+        # (role, head): the sums over rows of each role of ROLE_NAMES[:-1]
+        self.totals = torch.zeros(len(ROLE_NAMES) - 1, n_heads, dtype=torch.float64,
+                                  device=device)
+        self.vertical = torch.zeros(n_heads, n_tokens, dtype=torch.float64, device=device)
 
     def update(self, q0: int, k0: int, p: torch.Tensor) -> None:
         heads, rows, n_keys = p.shape
@@ -147,7 +196,7 @@ class HeadStatistics:
             value = at(keys.clamp(0, self.n - 1)) * ((keys >= 0) & (keys < self.n))
             terms["near_mass"] += value
             terms["near_dist"] += value * abs(d)
-        self.add_terms(q0, terms)
+        self.add_terms(q0, torch.stack([terms[name] for name in ROW_TERMS]))
         # Vertical scores: keys k <= t - proximity_ignore. Keys up to q0 - prox qualify for every
         # row of the chunk; the few after need the per-row test.
         every = max(0, min(n_keys, q0 - self.prox + 1 - k0))
@@ -159,27 +208,21 @@ class HeadStatistics:
             later = (t[:, None] - keys[None, :] >= self.prox)
             self.vertical[:, k0 + every:k0 + stop] += (p[..., every:stop] * later).sum(1).double()
 
-    def add_terms(self, q0: int, terms: dict[str, torch.Tensor],
+    def add_terms(self, q0: int, terms: torch.Tensor,
                   vertical: torch.Tensor | None = None) -> None:
-        """Per-row terms (head, query) of rows q0.. (`update` computes them from p): entropy,
-        confidence (max weight), first, previous, self (weight at key 0, t - 1, t), row_mass,
-        near_mass / near_dist (mass within distance < w, and its sum of weight x distance);
-        vertical (head, key): column sums over keys <= t - proximity_ignore, if given."""
-        rows = terms["entropy"].shape[1]
-        t = torch.arange(q0, q0 + rows, device=terms["entropy"].device)
-        late = (t >= 2).double()
-        totals = {name: terms[name].double() for name in terms}
-        self.totals["entropy"] += totals["entropy"].sum(-1)
-        self.totals["confidence"] += totals["confidence"].sum(-1)
-        for name, term in (("first_token", "first"), ("previous_token", "previous"),
-                           ("self", "self")):
-            self.totals[name] += (totals[term] * late).sum(-1)
+        """terms (ROW_TERMS, head, query): per-row terms of rows q0.. (`update` computes them
+        from p; a float64 tensor is overwritten): previous, first, self (weight at key t - 1,
+        0, t), near_mass / near_dist (mass within distance < w, and its sum of weight x
+        distance), entropy, confidence (max weight), row_mass; vertical (head, key): column
+        sums over keys <= t - proximity_ignore, if given. A few launches whatever the chunk:
+        the capture calls this once per layer."""
+        terms = terms.double()
         # Locality: w (row mass - mass within distance < w) + sum of p |t - k| within it.
-        far_rows = (t >= self.w).double()
-        self.totals["locality"] += ((self.w * (totals["row_mass"] - totals["near_mass"])
-                                     + totals["near_dist"]) * far_rows).sum(-1)
+        torch.add(terms[6], terms[7].sub(terms[3]).mul_(self.w), out=terms[3])
+        weights = _row_weights(q0, terms.shape[-1], self.w, terms.device)
+        self.totals += (terms[:6] * weights).sum(-1)
         if vertical is not None:
-            self.vertical += vertical.double()
+            self.vertical.add_(vertical)  # in float64, as vertical.double() would
 
     @staticmethod
     def unavailable(n_tokens: int,
@@ -195,20 +238,38 @@ class HeadStatistics:
         return reasons
 
     def result(self) -> dict[str, np.ndarray]:
-        n, names = self.n, ROLE_NAMES[:-1]
-        totals = dict(zip(names, torch.stack([self.totals[k] for k in names]).cpu().numpy()))
+        return self.results([self])[0]
+
+    @staticmethod
+    def results(stats: list["HeadStatistics"]) -> list[dict[str, np.ndarray]]:
+        """result() of each; those of one length and windows (the layers of one capture)
+        together: receiver kurtosis of all on the device, one small copy back."""
+        return _grouped(stats, lambda s: (s.n, s.w, s.prox), HeadStatistics._alike)
+
+    @staticmethod
+    def _alike(stats: list["HeadStatistics"]) -> list[dict[str, np.ndarray]]:
+        n, w, prox = stats[0].n, stats[0].w, stats[0].prox
+        totals = torch.stack([s.totals for s in stats])  # (layer, role, head)
+        parts = [totals.flatten()]
+        kurtosis = "receiver_kurtosis" not in HeadStatistics.unavailable(n, prox)
+        if kurtosis:
+            vertical = torch.stack([s.vertical for s in stats])  # (layer, head, key)
+            counts = (n - torch.arange(n, device=vertical.device) - prox).clamp(min=0)
+            vertical = torch.where(counts > 0, vertical / counts, torch.nan)
+            parts.append(kurtosis_of_vertical(vertical, prox).flatten())
+        host = torch.cat(parts).cpu().numpy()
+        shape, size = totals.shape, totals.numel()
+        totals = dict(zip(ROLE_NAMES[:-1], np.moveaxis(
+            host[:size].reshape(shape), 1, 0)))  # role -> (layer, head)
         positional = max(n - 2, 0)
         with np.errstate(invalid="ignore", divide="ignore"):
             out = {name: totals[name] / positional if n >= 3 else totals[name] * np.nan
                    for name in ("previous_token", "first_token", "self")}
             out["entropy"] = totals["entropy"] / n
             out["confidence"] = totals["confidence"] / n
-            out["locality"] = (1.0 - totals["locality"] / max(n - self.w, 1) / self.w
+            out["locality"] = (1.0 - totals["locality"] / max(n - w, 1) / w
                                if n >= 2 else totals["locality"] * np.nan)
-        if "receiver_kurtosis" in self.unavailable(n, self.prox):
-            out["receiver_kurtosis"] = np.full(len(self.vertical), np.nan)
-        else:  # on the device: one small copy back
-            counts = (n - torch.arange(n, device=self.vertical.device) - self.prox).clamp(min=0)
-            vertical = torch.where(counts > 0, self.vertical / counts, torch.nan)
-            out["receiver_kurtosis"] = kurtosis_of_vertical(vertical, self.prox).cpu().numpy()
-        return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+        out["receiver_kurtosis"] = (host[size:].reshape(shape[0], shape[2])
+                                    if kurtosis else np.full((shape[0], shape[2]), np.nan))
+        return [{k: np.asarray(v[i], dtype=np.float32) for k, v in out.items()}
+                for i in range(len(stats))]
