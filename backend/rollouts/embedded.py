@@ -35,6 +35,11 @@ from backend.rollouts.base import (Continuation, EngineError, Progress, Prompt, 
                                    SamplingParams, degenerate)
 from backend.rollouts.sampling import sample_next
 
+try:  # Triton: with CUDA builds of torch, and installed by the set-up on CPU builds
+    from backend.rollouts import decode_kernel
+except ImportError:
+    decode_kernel = None
+
 log = logging.getLogger(__name__)
 
 MAX_ROWS_CUDA = 256
@@ -63,8 +68,6 @@ def decode_step_attention(module, query, key, value, attention_mask, scaling=Non
                                       scaling=scaling, **kwargs)
     rows, heads, _, dim = query.shape
     if how == "kernel":
-        from backend.rollouts import decode_kernel  # Triton: imported only where it runs
-
         window = _layer_window(module.config, module.layer_idx)
         out = decode_kernel.decode_attention(query[:, :, 0], key, value, _decode["positions"],
                                              scale, window)
@@ -250,6 +253,8 @@ class EmbeddedEngine:
         """The fastest of this bucket's decoding graphs, one per `DECODE_ATTENTION`."""
         timed = []
         for how in DECODE_ATTENTION:
+            if how == "kernel" and decode_kernel is None:
+                continue
             _decode.update(attention=how, positions=self.cache.pos)
             try:
                 graph, logits = self._capture_one()
