@@ -5,9 +5,9 @@ from __future__ import annotations
 import streamlit as st
 
 from backend.analyses import AnalysisRequest
-from backend.examples import DEFAULT_EXAMPLE, EXAMPLES
-from backend.models import DEFAULT_CAUSAL, PACKAGED
+from backend.service import DEFAULT_CAUSAL, PACKAGED
 from pages import shared
+from pages.examples import DEFAULT_EXAMPLE, EXAMPLES
 
 
 def _load_example() -> None:

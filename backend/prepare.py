@@ -19,7 +19,7 @@ from tqdm import tqdm
 from backend.analyses import AnalysisRequest
 from backend.config import Settings
 from backend.errors import AtlasError
-from backend.examples import EXAMPLES
+from pages.examples import EXAMPLES
 from backend.models import PACKAGED, resolve_source
 from backend.models.conversion import convert_gguf, is_converted
 

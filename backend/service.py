@@ -1,7 +1,9 @@
 """The one door pages use: cache first, else a job for the worker; slices and aggregates out.
 
 Pages never see torch or SQL. Results are addressed by analysis id (what links carry); large
-tensors stay here and leave only as the slice or aggregate a view shows.
+tensors stay here and leave only as the slice or aggregate a view shows. Besides the service,
+pages import from here what its calls take and give (records, tickets, job statuses, its
+errors), the packaged models a user may pick, and what to do with a damaged cache file.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from backend.analyses.thought_anchors import (PUBLISHED_FILES, as_published_trac
                                              resampled_chunks, rollout_pool)
 from backend.comparison import Comparisons
 from backend.config import Settings
-from backend.errors import InputError
-from backend.examples import PUBLISHED_EXAMPLE
+from backend.cache_recovery import move_aside
+from backend.errors import (AtlasError, CacheFileError, CorruptCacheError, InputError,
+                            JobInterrupted, WorkerUnavailable)
 from backend.inputs import check_strings, check_text, check_upload
 from backend.memory import BoundedCache
-from backend.local_reductions import LocalReductions
 from backend.methods.binning import BinnedMatrix, bin_edges
 from backend.methods.exact import check_window
 from backend.methods.rollout import (attention_rollout, exclude_first_token, fuse_heads,
@@ -39,11 +41,21 @@ from backend.methods.rollout import (attention_rollout, exclude_first_token, fus
 from backend.methods.thought_anchors.answers import answers_match, extract_boxed_answer
 from backend.methods.thought_anchors.published import (read_published_trace,
                                                        write_published_trace)
-from backend.models import resolve_source, source_fingerprint
+from backend.models import DEFAULT_CAUSAL, PACKAGED, resolve_source, source_fingerprint
 from backend.models.loading import pick_device
 from backend.rollouts.registry import EMBEDDED, engine_infos
 from backend.store import AnalysisRecord, Store
 from backend.worker import JobContext, JobStatus, Worker
+
+
+__all__ = ["DEFAULT_CAUSAL", "PACKAGED", "AnalysisRecord", "AtlasError", "AtlasService",
+           "CacheFileError", "CorruptCacheError", "InputError", "JobInterrupted", "JobStatus",
+           "Ticket", "WorkerUnavailable", "move_aside"]
+# The published trace the Thought Anchors page opens on (folder, label): MIT-licensed data of the
+# paper's authors, shipped with its licence (see the folder's README).
+PUBLISHED_EXAMPLE = (Path(__file__).resolve().parent / "data" / "thought_anchors"
+                     / "deepseek-r1-distill-qwen-14b" / "problem_2238",
+                     "DeepSeek-R1-Distill-Qwen-14B")
 
 
 @dataclass(frozen=True)
@@ -59,7 +71,7 @@ Executor = Callable[[JobContext, AnalysisRequest, str, Store],
                     tuple[AnalysisRecord, dict[str, np.ndarray]]]
 
 
-class AtlasService(Comparisons, LocalReductions):
+class AtlasService(Comparisons):
     def __init__(self, settings: Settings | None = None, store: Store | None = None,
                  worker: Worker | None = None, executor: Executor | None = None):
         self.settings = settings or Settings.from_env()
@@ -84,18 +96,27 @@ class AtlasService(Comparisons, LocalReductions):
 
     # --- requests -------------------------------------------------------------------------
     def submit(self, request: AnalysisRequest) -> Ticket:
-        """Return the cached result at once, or start (or join) the job that computes it."""
+        """Return the cached result at once, or start (or join) the job that computes it.
+        The caller's thread (a page's) only checks the request: a hub download or a first
+        hash of the weights, which the analysis id needs, happens in the job."""
         analyses.validate(request)
         source = resolve_source(request.model, self.settings)  # refuse bad references now
-        # Fingerprints are memoised by file size and mtime, so this is cheap after the first
-        # time, and changed weights get a new id.
-        aid = analysis_id(request, source_fingerprint(source))
-        if self.store.has(aid):
+        # Fingerprints are memoised by file size and mtime, so they are known here after the
+        # first time, and changed weights get a new id.
+        fingerprint = source_fingerprint(source, read=False)
+        aid = fingerprint and analysis_id(request, fingerprint)
+        if aid and self.store.has(aid):
             return Ticket(analysis_id=aid)
-        job_id = self.worker.submit(aid, lambda ctx: self._compute(ctx, request, aid))
+        # One job per request, fingerprinted or not yet: identical requests join it.
+        job_id = self.worker.submit(request.canonical(),
+                                    lambda ctx: self._compute(ctx, request, source, aid))
         return Ticket(job_id=job_id)
 
-    def _compute(self, ctx: JobContext, request: AnalysisRequest, aid: str) -> str:
+    def _compute(self, ctx: JobContext, request: AnalysisRequest, source,
+                 aid: str | None) -> str:
+        if aid is None:
+            ctx.progress(0.0, "Reading the model's weights")
+            aid = analysis_id(request, source_fingerprint(source))
         if not self.store.has(aid):  # an identical job may have finished while this one queued
             record, arrays = self.executor(ctx, request, aid, self.store)
             ctx.progress(0.85, "Saving to the cache")
@@ -113,11 +134,13 @@ class AtlasService(Comparisons, LocalReductions):
         self.worker.cancel(job_id)
 
     def cached(self, request: AnalysisRequest) -> str | None:
-        """The analysis id if this request's result is already stored, else None."""
+        """The analysis id if this request's result is already stored, else None (also while
+        its model's weights are not fingerprinted yet: `submit` does that in a job)."""
         analyses.validate(request)
-        aid = analysis_id(request, source_fingerprint(resolve_source(request.model,
-                                                                     self.settings)))
-        return aid if self.store.has(aid) else None
+        fingerprint = source_fingerprint(resolve_source(request.model, self.settings),
+                                         read=False)
+        aid = fingerprint and analysis_id(request, fingerprint)
+        return aid if aid and self.store.has(aid) else None
 
     def run(self, request: AnalysisRequest, timeout: float | None = None) -> str:
         """Submit and wait: the analysis id. For scripts, benchmarks and tests."""

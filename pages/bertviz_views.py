@@ -4,9 +4,10 @@ import numpy as np
 import streamlit as st
 
 from pages import shared
+from pages.view_requests import attention_only as requests
 from viz import bertviz_view
 
-def render(state) -> None:
+def render(results, state) -> None:
     st.header("bertviz views")
     st.caption("The head view and model view of bertviz (Vig, 2019), with its scripts served from "
                "this app so they work offline.")
@@ -41,4 +42,4 @@ def render(state) -> None:
 
 
 if __name__ == "__main__":
-    shared.show("bertviz_views", render)
+    shared.show("bertviz_views", requests, render)

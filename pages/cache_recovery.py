@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from backend.cache_recovery import move_aside
-from backend.errors import CacheFileError, CorruptCacheError
+from backend.service import CacheFileError, CorruptCacheError, move_aside
 
 
 def show(error: CacheFileError) -> None:

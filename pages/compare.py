@@ -7,9 +7,11 @@ import numpy as np
 import streamlit as st
 
 from backend.analyses import AnalysisRequest
-from backend.examples import COMPARISON_EXAMPLE
-from backend.models import DEFAULT_CAUSAL
+from backend.local_reductions import (bin_matrix, divergence, matching_layer, spearman,
+                                     top_cells)
+from backend.service import DEFAULT_CAUSAL
 from pages import shared
+from pages.examples import COMPARISON_EXAMPLE
 from pages.view_requests import compare as requests
 from viz.comparison import difference_heatmap, paired_bars, picked_cell, score_grid
 from viz.heatmap import attention_heatmap, binned_heatmap
@@ -62,7 +64,7 @@ def _heatmap(record, layer: int, head: int | None, title: str):
 def _difference(difference: np.ndarray, labels: list[str], title: str):
     if len(labels) <= DETAIL_MAX:
         return difference_heatmap(difference, labels, title)
-    binned = shared.service().bin(difference, DETAIL_MAX)
+    binned = bin_matrix(difference, DETAIL_MAX)
     edges = binned.query_edges
     return difference_heatmap(binned.values, [f"{labels[a]}…({b - a})" for a, b in
                                               zip(edges[:-1], edges[1:])], title)
@@ -170,7 +172,7 @@ def controls(ra, rb) -> dict:
     linked = not same and c3.toggle("Link B to A", True, key="cmp_linked", bind="query-params",
                                     help="B follows A's layer (at the same relative depth when "
                                          "the models differ) and head.")
-    matching = shared.service().matching_layer(layer_a, ma["n_layers"], mb["n_layers"])
+    matching = matching_layer(layer_a, ma["n_layers"], mb["n_layers"])
     if linked:
         layer_b = matching
         head_b = head_a if head_a == MEAN or int(head_a) < mb["n_heads"] else MEAN
@@ -218,7 +220,7 @@ def divergence_section(ra, rb, c: dict) -> None:
     st.altair_chart(score_grid(values, rows, columns, "Jensen-Shannon (bits)", title, cell=cell,
                                picked=picked), key="cmp_grid", on_select=_pick_from_grid,
                     selection_mode="grid_cell")
-    ranked = ", ".join(f"{r}/{k} ({v:.3f})" for r, k, v in service.top_cells(values, TOP_HEADS))
+    ranked = ", ".join(f"{r}/{k} ({v:.3f})" for r, k, v in top_cells(values, TOP_HEADS))
     st.caption(f"Click a cell to show it above. Largest ({rows}/{columns}): {ranked}.")
 
 
@@ -238,15 +240,16 @@ def focus_section(ra, rb, c: dict, alignment) -> int:
         right.altair_chart(paired_bars({side: r[unit] for side, r in rollouts.items()}, labels,
                                        f"Rollout after the last layer: {labels[unit]}"))
         right.metric("Rollout divergence (mean over queries)",
-                     f"{service.divergence(rollouts['A'], rollouts['B']):.4f} bits",
+                     f"{divergence(rollouts['A'], rollouts['B']):.4f} bits",
                      help="Rollout assumes the residual stream carries half of each layer.")
     return unit
 
 
-def importance_section(ra, rb, state) -> None:
+def importance_section(ra, rb, results) -> None:
     """Gradient head importance of both sides, when asked for or already cached."""
     service = shared.service()
-    pair = list(requests(replace(state, a=ra.id, b=rb.id, cmp_importance=True), service))
+    asked = results.for_state(replace(results.state, a=ra.id, b=rb.id, cmp_importance=True))
+    pair = asked.requests("head_importance")
     cached = all(service.cached(r) for r in pair)
     if not (st.toggle("Compare head importance (gradient, one backward pass per side)",
                       value=cached, key="cmp_importance", bind="query-params") or cached):
@@ -257,7 +260,7 @@ def importance_section(ra, rb, state) -> None:
     scores = [service.array(aid, "layer") for aid in ids]
     n_heads = ra.meta["n_heads"]
     if scores[0].shape == scores[1].shape:
-        correlation = service.rank_correlation(*scores)
+        correlation = spearman(*scores)
         st.metric("Rank correlation of head importance (Spearman)",
                   "n/a" if np.isnan(correlation) else f"{correlation:.3f}")
         st.altair_chart(score_grid(scores[1] - scores[0], "layer", "head", "B − A", "Importance, "
@@ -265,7 +268,7 @@ def importance_section(ra, rb, state) -> None:
                                    cell=int(np.clip(420 // n_heads, 10, 28)), signed=True))
     columns = st.columns(2)
     for column, record, values, side in zip(columns, (ra, rb), scores, "AB"):
-        heads = ", ".join(f"{l}/{h}" for l, h, _ in service.top_cells(values, TOP_HEADS))
+        heads = ", ".join(f"{l}/{h}" for l, h, _ in top_cells(values, TOP_HEADS))
         column.markdown(f"**{side}** ({shared.plain(record.meta['model_label'])}): most "
                         f"important heads (layer/head) {heads}")
         if scores[0].shape != scores[1].shape:
@@ -273,7 +276,7 @@ def importance_section(ra, rb, state) -> None:
                                            cell=int(np.clip(300 // values.shape[1], 8, 24))))
 
 
-def comparison(record_a, record_b, state) -> None:
+def comparison(record_a, record_b, results) -> None:
     """The two sides, their difference, the divergence grid, one query and head importance."""
     for side, record in (("A", record_a), ("B", record_b)):
         st.markdown(f"**{side}** · {shared.plain(record.meta['model_label'])} · "
@@ -298,8 +301,8 @@ def comparison(record_a, record_b, state) -> None:
     d1, d2 = st.columns([3, 1])
     d1.altair_chart(_difference(aligned_b - aligned_a, alignment.labels,
                                 f"{len(alignment.labels)} aligned units"))
-    divergence = shared.service().divergence(aligned_a, aligned_b)
-    d2.metric("Divergence of these maps", f"{divergence:.4f} bits",
+    divergence_ab = divergence(aligned_a, aligned_b)
+    d2.metric("Divergence of these maps", f"{divergence_ab:.4f} bits",
               help="Mean Jensen-Shannon divergence of the aligned rows: 0 same, 1 disjoint.")
     lost_a, lost_b = alignment.unmatched()
     if lost_a or lost_b:
@@ -309,7 +312,7 @@ def comparison(record_a, record_b, state) -> None:
     unit = focus_section(record_a, record_b, c, alignment)
     if not c["same"]:
         st.subheader("Head importance")
-        importance_section(record_a, record_b, state)
+        importance_section(record_a, record_b, results)
     with st.expander("How the comparison works, and its caveats"):
         st.markdown(EXPLANATIONS)
     shared.share_link({"a": record_a.id, B_PARAM: record_b.id, **c["params"],
@@ -317,7 +320,7 @@ def comparison(record_a, record_b, state) -> None:
                        "cmp_importance": st.session_state.get("cmp_importance") or None})
 
 
-def render(state) -> None:
+def render(results, state) -> None:
     st.header("Compare")
     a_id = shared.current_analysis_id()
     b_id = current_second_id()
@@ -341,8 +344,8 @@ def render(state) -> None:
         if record_b is not None and {record_a.kind, record_b.kind} != {"attention"}:
             st.error("Compare shows attention analyses: open one from the sidebar or a link.")
         elif record_b is not None:
-            comparison(record_a, record_b, state)
+            comparison(record_a, record_b, results)
 
 
 if __name__ == "__main__":
-    shared.show("compare", render)
+    shared.show("compare", requests, render)

@@ -7,8 +7,10 @@ The view is a fragment: a control reruns this view only, not the sidebar or the 
 import streamlit as st
 
 from pages import shared
+from pages.view_requests import attention_only as requests
 from viz import export
 from backend.analyses.attention import OVERVIEW_BINS
+from backend.local_reductions import exclude_first_token
 from viz.heatmap import (DETAIL_MAX, SCALES, attention_heatmap, axis_labels, binned_heatmap,
                          block_labels, brushed_range, selected_values)
 from viz.reading_view import reading_view, text_pieces, top_positions
@@ -107,7 +109,7 @@ def _heatmap(aid: str, labels: list[str], layer: int, head, title: str, scale: s
     if q1 - q0 + 1 <= DETAIL_MAX and k1 - k0 + 1 <= DETAIL_MAX:
         if no_sink:  # renormalising needs each row's whole mass: take full rows of the window
             rows = service.attention_matrix(aid, layer, head, slice(q0, q1 + 1))
-            matrix = service.without_first_token(rows)[:, k0 - 1:k1]
+            matrix = exclude_first_token(rows)[:, k0 - 1:k1]
         else:
             matrix = service.attention_matrix(aid, layer, head, slice(q0, q1 + 1),
                                               slice(k0, k1 + 1))
@@ -158,7 +160,7 @@ def _token_view(record, layer: int, head, no_sink: bool, queries, keys, labels) 
         weights = service.attention_row(aid, layer, head, token)
         shown = keys
         if no_sink:
-            weights = service.without_first_token(weights)
+            weights = exclude_first_token(weights)
         title = f"Where {option(token)} looks"
     else:
         weights = service.attention_column(aid, layer, head, token)
@@ -233,7 +235,7 @@ def explore(record) -> None:
             st.session_state.get("direction") not in (None, "row") else None})
 
 
-def render(state) -> None:
+def render(results, state) -> None:
     st.header("Explore attention")
     current = shared.require_analysis()
     if current:
@@ -241,4 +243,4 @@ def render(state) -> None:
 
 
 if __name__ == "__main__":
-    shared.show("explore", render)
+    shared.show("explore", requests, render)

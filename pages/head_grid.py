@@ -3,6 +3,7 @@
 import streamlit as st
 
 from pages import shared
+from pages.view_requests import attention_only as requests
 from viz.head_grid import head_grid, selected_head
 
 THUMBNAIL_BINS = 32  # stored overviews pooled to 32 x 32 per head
@@ -15,7 +16,7 @@ def _open_head() -> None:
         st.session_state["open_head"] = picked
 
 
-def render(state) -> None:
+def render(results, state) -> None:
     st.header("Head grid")
     record = shared.require_analysis()
     if record:
@@ -40,4 +41,4 @@ def render(state) -> None:
 
 
 if __name__ == "__main__":
-    shared.show("head_grid", render)
+    shared.show("head_grid", requests, render)

@@ -11,7 +11,7 @@ import streamlit as st
 from backend.analyses import AnalysisRequest
 from backend.analyses.heads import (METHODS, NORMALIZATIONS, ROLES, head_label, head_ranks,
                                     parse_head_label, top_attended_pairs)
-from backend.errors import AtlasError
+from backend.service import AtlasError
 from pages import shared
 from pages.view_requests import head_importance as requests
 from pages.view_state import SCORES
@@ -175,12 +175,7 @@ def scores_table(n_layers: int, n_heads: int, columns: dict[str, np.ndarray]) ->
     return pd.concat([frame, position, scores], axis=1)
 
 
-def _request(state, kind: str) -> AnalysisRequest | None:
-    """The view's request of `kind` for `state`, if it needs one."""
-    return next((r for r in requests(state, shared.service()) if r.kind == kind), None)
-
-
-def pruning_section(record, jobs: InTurn, state) -> dict:
+def pruning_section(record, jobs: InTurn, results) -> dict:
     """Controls and chart of the pruning curve; returns what it shows (for export and links)."""
     st.subheader("Pruning curve")
     c1, c2 = st.columns(2)
@@ -189,8 +184,8 @@ def pruning_section(record, jobs: InTurn, state) -> dict:
     recompute = c2.toggle("Recompute each step", key="hi_recompute", bind="query-params",
                           help="Rank the remaining heads again after every 5 % step: 20 "
                                "importance computations instead of one.")
-    curve_id = jobs.get(_request(replace(state, hi_prune=method, hi_recompute=recompute),
-                                 "pruning_curve"), "Pruning curve")
+    asked = results.for_state(replace(results.state, hi_prune=method, hi_recompute=recompute))
+    curve_id = jobs.get(asked.request("pruning_curve"), "Pruning curve")
     if not curve_id:
         return {"method": method, "recompute": recompute}
     service, meta = shared.service(), shared.service().analysis(curve_id).meta
@@ -212,11 +207,11 @@ def pruning_section(record, jobs: InTurn, state) -> dict:
 
 
 @shared.fragment
-def pruning_and_export(record, jobs: InTurn, state, head_scores: pd.DataFrame, score: str,
+def pruning_and_export(record, jobs: InTurn, results, head_scores: pd.DataFrame, score: str,
                        link: dict | None) -> None:
     """The pruning curve with the downloads and the share link: its two controls rerun only
     this part, not the grid, the head's details and the ranking above it."""
-    curve = pruning_section(record, jobs, state)
+    curve = pruning_section(record, jobs, results)
     with st.expander("Export and share", expanded=True):
         b1, b2 = st.columns(2)
         b1.download_button("CSV of every head's scores",
@@ -232,7 +227,7 @@ def pruning_and_export(record, jobs: InTurn, state, head_scores: pd.DataFrame, s
                                "hi_recompute": True if curve["recompute"] else None})
 
 
-def render(state) -> None:
+def render(results, state) -> None:
     st.header("Head importance")
     record = shared.require_analysis()
     if record:
@@ -252,12 +247,12 @@ def render(state) -> None:
                              index=None, key="hi_head", bind="query-params",
                              placeholder="Click a head in the grid, or pick one")
 
-        state = replace(state, a=aid, hi_score=score)
+        results = results.for_state(replace(state, a=aid, hi_score=score))
         jobs, importance_id = InTurn(), None
         if is_importance:  # the grid's own score first
-            importance_id = jobs.get(_request(state, "head_importance"),
+            importance_id = jobs.get(results.request("head_importance"),
                                      f"{score.capitalize()} importance")
-        roles_id = jobs.get(_request(state, "head_roles"), "Head roles")
+        roles_id = jobs.get(results.request("head_roles"), "Head roles")
         unavailable = service.analysis(roles_id).meta["unavailable"] if roles_id else {}
         roles = {name: service.array(roles_id, name) for name in ROLES
                  if roles_id and name not in unavailable}
@@ -329,9 +324,9 @@ def render(state) -> None:
             "a": aid, "hi_score": score, "hi_head": focus,
             "hi_norm": norm if is_importance and norm != "layer" else None,
             "hi_skip_first": True if st.session_state.get("hi_skip_first") else None}
-        pruning_and_export(record, jobs, state, scores_table(n_layers, n_heads, export_columns),
+        pruning_and_export(record, jobs, results, scores_table(n_layers, n_heads, export_columns),
                            score, link)
 
 
 if __name__ == "__main__":
-    shared.show("head_importance", render)
+    shared.show("head_importance", requests, render)

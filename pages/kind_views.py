@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from backend.analyses import AnalysisRequest
-from backend.errors import AtlasError
+from backend.service import AtlasError
 
 ATTENTION = ("attention",)
 TRACES = ("ta_trace", "ta_published")

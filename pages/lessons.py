@@ -7,10 +7,10 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
-from backend.errors import AtlasError
-from backend.lessons import Lesson, read_lessons
-from backend.precompute import Preparation
+from backend.service import AtlasError
 from pages import shared
+from pages.lesson_files import Lesson, read_lessons
+from pages.lesson_preparation import Preparation
 
 LESSON, STEP, PRESENT = "lesson", "step", "present"
 PRESENTER_CSS = """<style>
@@ -78,7 +78,8 @@ def _preparation_progress(preparation: Preparation) -> None:
 
 
 def preparation_panel(found, folder) -> None:
-    """Compute every lesson's analyses on this server, with progress (see backend.precompute)."""
+    """Compute every lesson's analyses on this server, with progress (see
+    pages.lesson_preparation)."""
     preparation = _preparations().get(str(folder))
     if preparation is not None and preparation.running:
         _preparation_progress(preparation)
@@ -186,7 +187,12 @@ def show(lesson: Lesson, index: int, present: bool) -> None:
                       "Link to this step")
 
 
-def render(state) -> None:
+def requests(state, service):
+    """The gallery needs no analysis; a step's own view asks for its analyses (`show`)."""
+    return iter(())
+
+
+def render(results, state) -> None:
     folder = shared.service().settings.lessons_dir
     found = read_lessons(folder) if folder.is_dir() else None
     chosen = found.get(state.lesson) if found and state.lesson else None
@@ -202,4 +208,4 @@ def render(state) -> None:
 
 
 if __name__ == "__main__":
-    shared.show("lessons", render)
+    shared.show("lessons", requests, render)

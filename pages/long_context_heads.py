@@ -67,14 +67,14 @@ def _settings_form(record) -> dict | None:
         return None
 
 
-def _probe_id(record, state) -> str | None:
+def _probe_id(record, results) -> str | None:
     linked = st.query_params.get("lc")
     if linked and "lc_custom" not in st.session_state:
         return linked
     try:
         custom = st.session_state.get("lc_custom")
-        request = (lc.probe_request(record.model, **custom) if custom
-                   else next(requests(replace(state, a=record.id, lc=None), shared.service())))
+        request = (lc.probe_request(record.model, **custom) if custom else results.for_state(
+            replace(results.state, a=record.id, lc=None)).request("long_context_heads"))
     except Exception as e:  # a refused setting: say so, keep the page
         st.error(str(e))
         return None
@@ -194,7 +194,7 @@ def probe_view(aid: str, probe, record) -> None:
                        "lc_head": st.session_state["lc_head"], "lc_eps": eps})
 
 
-def render(state) -> None:
+def render(results, state) -> None:
     st.header("Long-context heads")
     record = shared.require_analysis()
     if record:
@@ -204,11 +204,11 @@ def render(state) -> None:
         if custom is not None:
             st.session_state["lc_custom"] = custom
             st.query_params.pop("lc", None)
-        aid = _probe_id(record, state)
+        aid = _probe_id(record, results)
         probe = shared.load_analysis(aid, shared.kind_views.PROBES) if aid else None
         if probe:
             probe_view(aid, probe, record)
 
 
 if __name__ == "__main__":
-    shared.show("long_context_heads", render)
+    shared.show("long_context_heads", requests, render)

@@ -3,6 +3,7 @@
 import streamlit as st
 
 from pages import shared
+from pages.view_requests import attention_only as requests
 from viz.heatmap import attention_heatmap, binned_heatmap
 
 CHART_MAX = 64  # tokens per side drawn cell by cell on this page; longer texts are binned
@@ -57,7 +58,7 @@ def _analysis_at_hand(record) -> None:
         st.altair_chart(chart, key="overview_map", width="content")
 
 
-def render(state) -> None:
+def render(results, state) -> None:
     st.header("Attention Atlas")
     st.markdown(INTRO)
     record = shared.require_analysis()
@@ -79,4 +80,4 @@ def render(state) -> None:
 
 
 if __name__ == "__main__":
-    shared.show("overview", render)
+    shared.show("overview", requests, render)

@@ -7,6 +7,7 @@ import streamlit as st
 
 from backend.analyses.attention import OVERVIEW_BINS
 from backend.analyses.rollout import FLOW_MAX_TOKENS, FlowParams
+from backend.local_reductions import bin_matrix, exclude_first_token
 from pages import shared
 from pages.view_requests import rollout as requests, target_token
 from pages.view_state import HEAD_FUSIONS
@@ -45,7 +46,7 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, key_offset: int =
     keys = labels[key_offset:]
     if len(labels) <= DETAIL_MAX:
         return attention_heatmap(matrix, labels, keys, 0, key_offset, title=title, size=380)
-    binned = shared.service().bin(matrix, OVERVIEW_BINS)
+    binned = bin_matrix(matrix, OVERVIEW_BINS)
     return binned_heatmap(binned.values, binned.query_edges, binned.key_edges + key_offset,
                           labels, title, size=380)
 
@@ -72,7 +73,7 @@ def scores_view(record, rows: dict, target: int, no_sink: bool) -> None:
 
 
 @shared.fragment
-def rollout_view(record, state) -> None:
+def rollout_view(record, results, state) -> None:
     meta, aid, labels = record.meta, record.id, record.meta["tokens"]
     n = len(labels)
     c1, c2 = st.columns([3, 2])
@@ -100,26 +101,24 @@ def rollout_view(record, state) -> None:
 
     state = replace(state, a=aid, target=f"{target} {labels[target]}", fusion=fusion,
                     flow=state.flow or st.session_state.get(f"flow_{aid}", False))
-    wanted = {request.kind: request for request in requests(state, service)}
-    if "attention_flow" not in wanted and n <= FLOW_MAX_TOKENS:
-        flow_request = next(requests(replace(state, flow=True), service))
-        if service.cached(flow_request) or st.button(
+    results = results.for_state(state)
+    if "attention_flow" not in results and n <= FLOW_MAX_TOKENS:
+        asked = results.for_state(replace(state, flow=True))
+        if service.cached(asked.request("attention_flow")) or st.button(
                 f"Compute attention flow ({n} tokens: may take a minute or more)"):
             st.session_state[f"flow_{aid}"] = True
-            state = replace(state, flow=True)
-            wanted["attention_flow"] = flow_request
+            state, results = asked.state, asked
     elif n > FLOW_MAX_TOKENS:
         st.info(f"Attention flow is offered up to {FLOW_MAX_TOKENS} tokens ({n:,} here).")
-    flow_id = wanted.get("attention_flow") and shared.derived(wanted["attention_flow"],
-                                                              "Attention flow")
+    flow_id = results.get("attention_flow", "Attention flow")
     flow = None
     if flow_id:
         raw = service.array(flow_id, "flow")
         flow = raw / np.where(raw.sum(1, keepdims=True) > 0, raw.sum(1, keepdims=True), 1)
         rows["Flow"] = flow[target]
     gradient = None
-    if "gradient_rollout" in wanted:
-        grad_id = shared.derived(wanted["gradient_rollout"], "Gradient-weighted rollout")
+    if "gradient_rollout" in results:
+        grad_id = results.get("gradient_rollout", "Gradient-weighted rollout")
         gradient = service.array(grad_id, "gradient_rollout") if grad_id else None
     else:
         st.info(f"Gradient-weighted rollout and the full matrices are offered up to "
@@ -129,7 +128,7 @@ def rollout_view(record, state) -> None:
         rows["Gradient-weighted rollout"] = gradient[-1, target]
 
     if no_sink:
-        rows = {name: service.without_first_token(row) for name, row in rows.items()}
+        rows = {name: exclude_first_token(row) for name, row in rows.items()}
     offset = 1 if no_sink else 0
     sink_note = " (first token excluded, renormalised)" if no_sink else ""
     st.subheader(f"Where {target} {labels[target]} draws from{sink_note}")
@@ -143,7 +142,7 @@ def rollout_view(record, state) -> None:
             if gradient is not None:
                 matrices["Gradient-weighted rollout"] = gradient[-1]
             for column, (name, matrix) in zip(st.columns(3), matrices.items()):
-                shown = service.without_first_token(matrix) if no_sink else matrix
+                shown = exclude_first_token(matrix) if no_sink else matrix
                 column.altair_chart(heatmap(shown, labels, name, offset))
     with st.expander("What these methods are, and their caveats"):
         st.markdown(EXPLANATIONS)
@@ -157,12 +156,12 @@ def rollout_view(record, state) -> None:
                            "no_sink": "true" if no_sink else None})
 
 
-def render(state) -> None:
+def render(results, state) -> None:
     st.header("Rollout & flow")
     current = shared.require_analysis()
     if current:
-        rollout_view(current, state)
+        rollout_view(current, results, state)
 
 
 if __name__ == "__main__":
-    shared.show("rollout", render)
+    shared.show("rollout", requests, render)

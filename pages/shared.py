@@ -13,10 +13,8 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from backend.analyses import AnalysisRequest
-from backend.errors import (AtlasError, CacheFileError, InputError, JobInterrupted,
-                            WorkerUnavailable)
-from backend.models import PACKAGED
-from backend.service import AnalysisRecord, AtlasService, JobStatus
+from backend.service import (PACKAGED, AnalysisRecord, AtlasError, AtlasService, CacheFileError,
+                             InputError, JobInterrupted, JobStatus, WorkerUnavailable)
 from backend.serving.client import WorkerClient, worker_from_env
 from pages import cache_recovery, kind_views, view_state
 from viz.math_text import inert
@@ -65,12 +63,12 @@ def run(navigation: st.Page) -> None:
         _app.running = False
 
 
-def show(name: str, render) -> None:
-    """Draw the view `name` (a page file's last line): `render(state)` with the state its link
-    asks for, or the link's error. On a fresh server, Streamlit runs the page file of the very
-    first request alone, without app.py, until the app first declares its navigation (its
-    pages-folder mode): then declare it now and rerun, which opens the whole app on this view
-    with this link."""
+def show(name: str, requests, render) -> None:
+    """Draw the view `name` (a page file's last line): `render(results, state)` with the state
+    its link asks for and the Results of `requests` for it, or the link's error. On a fresh
+    server, Streamlit runs the page file of the very first request alone, without app.py, until
+    the app first declares its navigation (its pages-folder mode): then declare it now and rerun,
+    which opens the whole app on this view with this link."""
     if not getattr(_app, "running", False):
         st.navigation([page(n) for n in PAGES], position="hidden")
         st.rerun()
@@ -79,12 +77,49 @@ def show(name: str, render) -> None:
     except InputError as e:
         st.error(str(e))
         return
-    render(state)
+    render(Results(requests, state), state)
 
 
 def show_inside(name: str) -> None:
     """Draw the view `name` inside another page (a lesson step), for the link's state."""
-    show(name, importlib.import_module(f"pages.{name}").render)
+    view = importlib.import_module(f"pages.{name}")
+    show(name, view.requests, view.render)
+
+
+class Results:
+    """What a view's `requests(state, service)` (pages.view_requests: the function a lesson
+    step and the precompute command call too) produce for a state, as its `render` reads them.
+
+    `get(kind, label)` is the analysis id of the view's request of that kind once computed
+    (None while it computes, after it failed, or when the state asks for none). A request is
+    resolved through the service when render reads it, so its progress bar is drawn where the
+    view shows the result; the requests are made on first read, once render has checked the
+    analyses the state names. A view whose own widgets change the state (a fragment reruns
+    without `show`) reads `for_state(changed)`."""
+
+    def __init__(self, requests, state):
+        self._requests, self.state = requests, state
+        self._made: list[AnalysisRequest] | None = None
+
+    def for_state(self, state) -> Results:
+        return Results(self._requests, state)
+
+    def requests(self, kind: str) -> list[AnalysisRequest]:
+        """The state's requests of `kind`, in the order the view asks for them."""
+        if self._made is None:
+            self._made = list(self._requests(self.state, service()))
+        return [request for request in self._made if request.kind == kind]
+
+    def request(self, kind: str) -> AnalysisRequest | None:
+        return next(iter(self.requests(kind)), None)
+
+    def __contains__(self, kind: str) -> bool:
+        return self.request(kind) is not None
+
+    def get(self, kind: str, label: str) -> str | None:
+        """The id of the result of `kind` (see `derived`), or None."""
+        request = self.request(kind)
+        return None if request is None else derived(request, label)
 
 
 @st.cache_resource

@@ -5,10 +5,11 @@ from dataclasses import replace
 import numpy as np
 import streamlit as st
 
-from backend.analyses.thought_anchors import METRICS, WORKED_EXAMPLE
-from backend.examples import REASONING_EXAMPLE
+from backend.analyses.thought_anchors import METRICS, REASONING_EXAMPLE, WORKED_EXAMPLE
+from backend.local_reductions import strongest_links, top_links
+from backend.service import AtlasError
 from pages import shared, view_requests
-from pages.thought_anchors_resampling import resampling_part
+from pages.thought_anchors_resampling import chosen_sentences, resampling_part
 from pages.view_requests import thought_anchors as requests
 from pages.view_state import IMPORT_SOURCE, PUBLISHED_SOURCE, TRACE_SOURCES as SOURCES
 from viz import export
@@ -107,7 +108,7 @@ def choose_trace() -> None:
             try:
                 trace = shared.service().import_published_trace(
                     {f.name: f.getvalue() for f in files}, label)
-            except shared.AtlasError as e:
+            except AtlasError as e:
                 st.error(str(e))
                 return
             st.query_params[TRACE_PARAM] = trace
@@ -144,18 +145,17 @@ def _answer(answer: str | None) -> str:
     return math_markdown(f"\\({answer}\\)") if latex else shared.plain(answer)
 
 
-def own_trace_parts(record, state) -> dict[str, str | None]:
+def own_trace_parts(record, results) -> dict[str, str | None]:
     """Run (or fetch) the white-box passes and, on request, the resampling of an own trace."""
     suppression = st.toggle("Attention suppression", key="ta_supp", bind="query-params",
                             help="One forward pass per sentence.")
-    wanted = {r.kind: r for r in requests(replace(state, t=record.id, ta_supp=suppression,
-                                                  ta_resample=False), shared.service())}
-    parts = {"receivers": shared.derived(wanted["ta_receivers"], "Receiver heads")}
+    results = results.for_state(replace(results.state, t=record.id, ta_supp=suppression,
+                                        ta_resample=False))
+    parts = {"receivers": results.get("ta_receivers", "Receiver heads")}
     if suppression:
-        parts["suppression"] = shared.derived(wanted["ta_suppression"],
-                                              "Attention suppression")
+        parts["suppression"] = results.get("ta_suppression", "Attention suppression")
     with st.container(border=True):
-        parts["resampling"] = resampling_part(record, parts)
+        parts["resampling"] = resampling_part(record, parts, results)
     return parts
 
 
@@ -171,7 +171,7 @@ def per_sentence_scores(trace_id, record, parts) -> dict[str, np.ndarray]:
     return scores
 
 
-def trace_view(trace_id: str, record, state) -> None:
+def trace_view(trace_id: str, record, results) -> None:
     """The trace's sentences coloured by a score, its sentence matrices, its receiver heads,
     one sentence in detail, and the downloads."""
     meta, chunks = record.meta, record.meta["chunks"]
@@ -189,7 +189,7 @@ def trace_view(trace_id: str, record, state) -> None:
                    "through this problem (the paper's traces come from 8B and 14B reasoning "
                    "models). The scores below describe its text, not its reasoning: open the "
                    "published example to see real anchors.")
-    parts = {} if record.kind == "ta_published" else own_trace_parts(record, state)
+    parts = {} if record.kind == "ta_published" else own_trace_parts(record, results)
     scores = per_sentence_scores(trace_id, record, parts)
     matrices = _matrices(trace_id, record, parts)
     left, right = st.columns([3, 2])
@@ -212,7 +212,7 @@ def trace_view(trace_id: str, record, state) -> None:
             top_n = st.slider("Links per sentence in the graph", 0, 10, 3, key="ta_links",
                               bind="query-params")
             importance = np.abs(scores.get(metric, np.zeros(len(chunks))))
-            st.altair_chart(link_graph(chunks, shared.service().top_links(matrix, top_n),
+            st.altair_chart(link_graph(chunks, top_links(matrix, top_n),
                                        importance, meta["tags"], TAG_COLORS), width="content")
             st.html(tag_legend(TAG_COLORS))
         heads = (shared.service().array(parts["receivers"], "receiver_heads")
@@ -243,8 +243,8 @@ def trace_view(trace_id: str, record, state) -> None:
                         f"{scores['accuracy'][sentence]:.2f}; from the next sentence (kept): "
                         f"{scores['accuracy'][sentence + 1]:.2f}")
         for name, matrix in matrices.items():
-            into = shared.service().strongest_links(matrix, sentence, "incoming", 5)
-            out = shared.service().strongest_links(matrix, sentence, "outgoing", 5)
+            into = strongest_links(matrix, sentence, "incoming", 5)
+            out = strongest_links(matrix, sentence, "outgoing", 5)
             st.markdown(f"**{name}** · affected by: {', '.join(f'{s} ({v:+.3f})' for s, v in into) or '—'}"
                         f" · affects: {', '.join(f'{t} ({v:+.3f})' for t, v in out) or '—'}")
     with st.expander("What these methods are"):
@@ -266,10 +266,11 @@ def trace_view(trace_id: str, record, state) -> None:
             key: st.session_state.get(key) for key in (
                 "ta_metric", "ta_matrix", "ta_links", "ta_supp", "ta_resample", "ta_r",
                 "ta_head", "ta_engine", "ta_tokens", "ta_which", "ta_flagged")},
+            "ta_chunks": chosen_sentences(),
             "ta_s": None if sentence is None else f"{sentence}: {chunks[sentence][:60]}"})
 
 
-def render(state) -> None:
+def render(results, state) -> None:
     st.header("Thought Anchors")
     st.caption("Which sentences of a reasoning trace matter: resampling, receiver heads and "
                "attention suppression, on any trace and any causal model.")
@@ -281,8 +282,8 @@ def render(state) -> None:
     if trace_id:
         record = shared.load_analysis(trace_id, shared.kind_views.TRACES)
     if record:
-        trace_view(trace_id, record, state)
+        trace_view(trace_id, record, results)
 
 
 if __name__ == "__main__":
-    shared.show("thought_anchors", render)
+    shared.show("thought_anchors", requests, render)

@@ -4,12 +4,14 @@ add rollouts to a finished analysis later. (Not a page itself: thought_anchors.p
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import streamlit as st
 
-from backend.examples import REASONING_SAMPLING
 from pages import shared, view_requests
 from pages.view_state import RESAMPLE_WHICH as WHICH
 
+CHOSEN = "ta_chunks"  # the widget's key and the view state's field
 PAPER = ("The paper used 100 rollouts per sentence at temperature 0.6 and top-p 0.95, each "
          "continuing to the answer (at most 16,384 new tokens).")
 
@@ -31,14 +33,23 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-def _sentences(record, parts: dict, which: str) -> list[int] | None:
+def chosen_sentences() -> str | None:
+    """The sentences chosen for resampling as a link writes them ("3,7,12"), if any."""
+    chosen = st.session_state.get(CHOSEN) if st.session_state.get("ta_which") == WHICH[3] \
+        else None
+    return ",".join(map(str, sorted(chosen))) if chosen else None
+
+
+def _sentences(record, parts: dict, which: str, state) -> list[int] | None:
     """The sentence indices to resample (None: every sentence), or [] when none are chosen."""
     chunks = record.meta["chunks"]
     if which == WHICH[0]:
         return None
     if which == WHICH[3]:
-        return st.multiselect("Sentences to resample", range(len(chunks)), key="ta_chunks",
-                              format_func=lambda i: f"{i}: {chunks[i][:50]}")
+        if CHOSEN not in st.session_state:  # the link's choice, once (then the user's)
+            st.session_state[CHOSEN] = [i for i in state.ta_chunks or () if i < len(chunks)]
+        return st.multiselect("Sentences to resample", range(len(chunks)), key=CHOSEN,
+                              format_func=lambda i: f"{i}: {chunks[i][:50]}") or []
     source = parts.get("receivers" if which == WHICH[1] else "suppression")
     if not source:
         st.info("Turn on attention suppression above to see the sentences it flags.")
@@ -50,8 +61,10 @@ def _sentences(record, parts: dict, which: str) -> list[int] | None:
     return picked
 
 
-def resampling_part(record, parts: dict) -> str | None:
-    """The resampling analysis' id once it is ready (None while it runs or is off)."""
+def resampling_part(record, parts: dict, results) -> str | None:
+    """The resampling analysis' id once it is ready (None while it runs or is off). The
+    resampling of every sentence, or of the chosen ones, is the view's request for the state
+    these controls set (`results`); the flagged sentences are picked from the white-box parts."""
     service = shared.service()
     engines = {e["name"]: e for e in service.rollout_engines()}
     st.markdown("**Counterfactual resampling**")
@@ -74,11 +87,10 @@ def resampling_part(record, parts: dict) -> str | None:
         st.caption(f"Defaults are the paper's: {PAPER}")
     which = st.segmented_control("Resample", WHICH, default=WHICH[0], key="ta_which",
                                  bind="query-params") or WHICH[0]
-    chunks = _sentences(record, parts, which)
+    chunks = _sentences(record, parts, which, results.state)
     if chunks == []:
         return None
-    cost = service.resampling_estimate(record.id, name, rollouts, chunks, max_new_tokens=tokens,
-                                       **REASONING_SAMPLING)
+    cost = service.resampling_estimate(record.id, name, rollouts, chunks, max_new_tokens=tokens)
     forced = cost.get("forced_to_sample", 0)
     text = (f"{rollouts:,} rollouts × {cost['sentences']} sentences = "
             f"{cost['rollouts_total']:,} rollouts"
@@ -92,8 +104,15 @@ def resampling_part(record, parts: dict) -> str | None:
     if not st.toggle("Run the resampling", key="ta_resample", bind="query-params",
                      help="Saved as each rollout finishes: a stopped job resumes."):
         return None
-    done = shared.derived(view_requests.resampling(record, engine, rollouts, tokens, chunks),
-                          f"Resampling on {engine['label']}")
+    label = f"Resampling on {engine['label']}"
+    if which in (WHICH[0], WHICH[3]):
+        done = results.for_state(replace(
+            results.state, ta_resample=True, ta_engine=name, ta_r=rollouts, ta_tokens=tokens,
+            ta_which=which, ta_chunks=chunks and tuple(sorted(chunks)))).get("ta_resampling",
+                                                                               label)
+    else:
+        done = shared.derived(view_requests.resampling(record, engine, rollouts, tokens,
+                                                       chunks), label)
     if done:
         st.button(f"Add {rollouts} more rollouts per sentence", on_click=_add_rollouts,
                   args=(rollouts,), help="Keeps the saved rollouts and samples only the new ones.")

@@ -1,10 +1,12 @@
 """The analyses each view needs for a view state, besides the ones its ids name: the one
 `requests(state, service)` function per view that its page, a lesson step and the precompute
-command all call. Streamlit-free, so backend.lessons (and the precompute command) can import it.
+command all call. Streamlit-free, so lesson files (pages.lesson_files) and the precompute
+command can import it.
 
 A view's requests come in order and may depend on earlier results: whoever asks computes each
-request it is given (or finds it cached) before taking the next. A page stops at the first one
-still computing; the precompute command waits for each.
+request it is given (or finds it cached) before taking the next. The precompute command waits
+for each; a page reads each result where it draws it (pages.shared.Results), for states whose
+requests need no result still computing.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from backend.analyses import AnalysisRequest
 from backend.analyses.heads import METHODS
 from backend.analyses.long_context import link_request
 from backend.analyses.rollout import AUTO_FLOW_TOKENS, FLOW_MAX_TOKENS
-from backend.analyses.thought_anchors import WORKED_EXAMPLE
-from backend.examples import REASONING_EXAMPLE, REASONING_SAMPLING
+from backend.analyses.thought_anchors import REASONING_EXAMPLE, WORKED_EXAMPLE
 from pages.view_state import PUBLISHED_SOURCE, RESAMPLE_WHICH
 
 Requests = Iterator[AnalysisRequest]
@@ -83,16 +84,18 @@ def trace(model: str, problem: str, answer: str, solution: str, service) -> Requ
 def resampling(record, engine: dict, rollouts: int, max_new_tokens: int,
                chunks: list[int] | None = None) -> AnalysisRequest:
     """Counterfactual resampling of the trace `record` (every sentence, or `chunks`) on
-    `engine` (one of service.rollout_engines()), at the paper's temperature and top-p."""
+    `engine` (one of service.rollout_engines()), at the paper's temperature and top-p (the
+    kind's defaults)."""
     selection = {} if chunks is None else {"chunks": chunks}
     return AnalysisRequest.make("ta_resampling", record.model, record.text,
                                 engine=engine["name"], rollouts=rollouts,
-                                max_new_tokens=max_new_tokens, **REASONING_SAMPLING,
-                                **selection, **dict(record.params))
+                                max_new_tokens=max_new_tokens, **selection,
+                                **dict(record.params))
 
 
 def thought_anchors(state, service, model: str | None = None) -> Requests:
-    """The trace's white-box passes and the resampling the state asks for. Without a trace
+    """The trace's white-box passes and the resampling the state asks for (of every sentence,
+    or of those it chose; the flagged ones are picked on the page). Without a trace
     (`state.t` None) the view's source gives one: the published example (imported, not a job)
     or, for the worked example, the trace `model` writes."""
     if state.t is None and state.ta_source == PUBLISHED_SOURCE:
@@ -111,11 +114,14 @@ def thought_anchors(state, service, model: str | None = None) -> Requests:
     yield AnalysisRequest.make("ta_receivers", record.model, record.text, **base)
     if state.ta_supp:
         yield AnalysisRequest.make("ta_suppression", record.model, record.text, **base)
-    if state.ta_resample and state.ta_which == RESAMPLE_WHICH[0]:  # the others are picked
+    n = len(record.meta["chunks"])  # a link's sentences past the trace's end are dropped
+    chosen = state.ta_which == RESAMPLE_WHICH[3] and [i for i in state.ta_chunks or () if i < n]
+    if state.ta_resample and (state.ta_which == RESAMPLE_WHICH[0] or chosen):
         engines = {engine["name"]: engine for engine in service.rollout_engines()}
         engine = engines.get(state.ta_engine, next(iter(engines.values())))
         yield resampling(record, engine, state.ta_r or engine["default_rollouts"],
-                         state.ta_tokens or engine["default_max_new_tokens"])
+                         state.ta_tokens or engine["default_max_new_tokens"],
+                         chosen or None)
 
 
 def long_context_heads(state, service) -> Requests:

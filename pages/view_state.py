@@ -1,6 +1,6 @@
 """Each view's state: what a link's query string asks the view to show, as a typed dataclass,
 parsed from and written to the query string here and nowhere else. Streamlit-free, so a lesson
-step (backend.lessons) parses its `view:` line with the same rules as the page.
+step (pages.lesson_files) parses its `view:` line with the same rules as the page.
 
 A state holds the analysis ids (a, b, t, lc) and every setting that decides which analyses the
 view needs (see pages.view_requests). A value the view's widget would refuse gives the
@@ -19,7 +19,7 @@ from typing import Mapping
 from backend.analyses.heads import METHODS, ROLES
 from backend.analyses.rollout import HEAD_FUSIONS
 from backend.analyses.thought_anchors import WORKED_EXAMPLE
-from backend.errors import InputError
+from backend.service import InputError
 
 ANALYSIS_ID = re.compile(r"[0-9a-f]{24}")
 MAX_DIGITS = 6  # int() of thousands of digits is refused by Python itself
@@ -49,6 +49,15 @@ def _number(raw: str | None) -> int | None:
     if raw and raw.isascii() and raw.isdigit() and len(raw) <= MAX_DIGITS:
         return int(raw)
     return None
+
+
+def _indices(raw: str | None) -> tuple[int, ...] | None:
+    """Sentence indices from a link ("3,7,12"), sorted once each; anything else is none."""
+    parts = (raw or "").split(",")
+    numbers = [_number(part.strip()) for part in parts]
+    if not raw or None in numbers:
+        return None
+    return tuple(sorted(set(numbers)))
 
 
 def _id():
@@ -103,7 +112,8 @@ class CompareView:
 class TraceView:
     """Thought Anchors: t is the trace analysis (None: the source's trace, once there is one);
     the white-box passes and the resampling asked for, with its engine and budget (None: the
-    engine's defaults)."""
+    engine's defaults); ta_chunks: the sentences chosen for resampling (ta_which "Chosen"),
+    in a link as "3,7,12"."""
 
     t: str | None = _id()
     ta_source: str = _choice(TRACE_SOURCES)
@@ -113,6 +123,7 @@ class TraceView:
     ta_engine: str | None = None
     ta_r: int | None = None
     ta_tokens: int | None = None
+    ta_chunks: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,8 @@ def parse(view: str, query: Mapping[str, str]):
             values[f.name] = raw == "true"
         elif hints[f.name] == int | None:
             values[f.name] = _number(raw)
+        elif hints[f.name] == tuple[int, ...] | None:
+            values[f.name] = _indices(raw)
         elif "choices" in f.metadata:
             values[f.name] = raw if raw in f.metadata["choices"] else f.default
         else:
@@ -170,6 +183,9 @@ def to_query(state) -> dict[str, str]:
         value = getattr(state, f.name)
         if value is None or value is False or value == f.default:
             continue
-        query[f.name] = "true" if value is True else str(value)
+        if isinstance(value, tuple):
+            query[f.name] = ",".join(map(str, value))
+        else:
+            query[f.name] = "true" if value is True else str(value)
     return query
 

@@ -42,6 +42,11 @@ from backend.store import AnalysisRecord
 
 MIN_CHUNKS = 2
 WORKED_EXAMPLE = "Worked example"  # the view's source for REASONING_EXAMPLE (a link value)
+# The worked problem: the model chosen in the app writes its own trace for it.
+REASONING_EXAMPLE = {
+    "problem": "A shop sells pencils at 3 for $1. How many dollars do 27 pencils cost?",
+    "answer": "9",
+}
 MAX_GENERATED_TOKENS = 131_072  # a sanity bound: the server caps rollouts lower
 MAX_ROLLOUTS = 1000
 SEEDS = 2 ** 31 - 1

@@ -19,16 +19,17 @@ _memo: dict[tuple[str, int, int], str] = {}
 _memo_lock = threading.Lock()
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file; hub cache blobs are named by their sha256 already, so reuse that."""
+def file_sha256(path: Path, read: bool = True) -> str | None:
+    """sha256 of a file; hub cache blobs are named by their sha256 already, so reuse that.
+    read=False: None when the file would have to be read (its hash is not memoised)."""
     target = path.resolve()
     if path.is_symlink() and _BLOB_SHA.match(target.name):
         return target.name
     stat = target.stat()
     key = (str(target), stat.st_size, stat.st_mtime_ns)
     with _memo_lock:
-        if key in _memo:
-            return _memo[key]
+        if key in _memo or not read:
+            return _memo.get(key)
     digest = hashlib.sha256()
     with open(target, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -39,11 +40,12 @@ def file_sha256(path: Path) -> str:
 
 
 def weights_fingerprint(folder: Path, only: str | None = None,
-                        known: dict[str, str] | None = None) -> str:
+                        known: dict[str, str] | None = None, read: bool = True) -> str | None:
     """sha256 over (file name, file sha256) of the weight, config and tokenizer files of a folder.
 
     only: restrict to one file of the folder (a GGUF file beside others). known: file sha256s
-    given instead of read (a file that is not written yet).
+    given instead of read (a file that is not written yet). read=False: None when a file would
+    have to be read (see file_sha256).
     """
     known = known or {}
     names = [only] if only else sorted(
@@ -51,6 +53,8 @@ def weights_fingerprint(folder: Path, only: str | None = None,
     )
     digest = hashlib.sha256()
     for name in names:
-        sha = known[name] if name in known else file_sha256(folder / name)
+        sha = known[name] if name in known else file_sha256(folder / name, read)
+        if sha is None:
+            return None
         digest.update(f"{name}:{sha}\n".encode())
     return digest.hexdigest()

@@ -86,25 +86,32 @@ def _load_config(where: str | Path):
         ) from None
 
 
-def _hub_folder(source: ModelSource) -> Path:
+def _hub_folder(source: ModelSource, local_only: bool = False) -> Path | None:
+    """The hub model's local snapshot, downloaded first if needed (local_only: None when it is
+    not in the local hub cache, without asking the hub)."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source.ref, allow_patterns=[
+        return Path(snapshot_download(source.ref, local_files_only=local_only, allow_patterns=[
             "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]))
     except Exception as e:  # offline, unknown id, gated repo: all mean "cannot reach"
+        if local_only:
+            return None
         raise ModelLoadError(
             f"Cannot reach hub model '{source.ref}': {type(e).__name__}. Offline servers can only "
             "load hub models already in the local hub cache."
         ) from None
 
 
-def source_fingerprint(source: ModelSource) -> str:
-    """Identity of the weights (and tokenizer) a source loads, without loading them."""
+def source_fingerprint(source: ModelSource, read: bool = True) -> str | None:
+    """Identity of the weights (and tokenizer) a source loads, without loading them.
+    read=False: only what is known without a hub call or reading a weight file whose hash is
+    not memoised (None otherwise), so a request's thread can leave that work to its job."""
     if source.gguf_file:
         return weights_fingerprint(source.path, only=source.gguf_file,
-                                   known=declared_sha256(source))
-    return weights_fingerprint(_hub_folder(source) if source.kind == "hub" else source.path)
+                                   known=declared_sha256(source), read=read)
+    folder = _hub_folder(source, local_only=not read) if source.kind == "hub" else source.path
+    return None if folder is None else weights_fingerprint(folder, read=read)
 
 
 def load_model(source: ModelSource, settings: Settings,

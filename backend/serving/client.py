@@ -5,9 +5,10 @@
     client.attention_matrix(aid, 3, head=None, query=slice(0, 8))   # (query, key) float32
 
 Every exported method (backend.serving.methods.EXPORTED) forwards to the worker with the
-service's own signature and docstring; the pure reductions (bin, without_first_token, ...) run
-here. The service's errors come back as the same classes with the same messages. A worker that
-does not answer (stopped, restarting) is retried briefly, then raises WorkerUnavailable.
+service's own signature and docstring (pages compute the pure reductions of what they hold
+themselves: backend.local_reductions). The service's errors come back as the same classes
+with the same messages. A worker that does not answer (stopped, restarting) is retried
+briefly, then raises WorkerUnavailable.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import urllib3
 from backend.analyses import AnalysisRequest
 from backend.config import Settings
 from backend.errors import AtlasError, CacheFileError, InputError, WorkerUnavailable
-from backend.local_reductions import LocalReductions
 from backend.serving import DEFAULT_PORT, codec
 from backend.serving.methods import METHODS, Method
 
@@ -32,7 +32,7 @@ RETRY_DELAYS_S = (0.2, 0.5, 1.0)  # about 2 s of retries before a call says the 
 LONG_POLL_S = 10.0  # a wait for a job's result is split into requests of at most this long
 
 
-class WorkerClient(LocalReductions):
+class WorkerClient:
     """AtlasService's interface over HTTP. Thread-safe: sessions of one app share one client
     (and its pool of connections)."""
 

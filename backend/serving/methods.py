@@ -9,8 +9,7 @@ the client encodes a call's arguments for it. On the wire an argument is JSON: a
 backend.serving.codec. Results are encoded by the codec (arrays as npy, dicts of arrays as npz).
 
 Not exported: what stays in the worker (`maps`, `store`, `worker`, `memory`), the whole
-(layer, head, T, T) `attention` (results that cross the network are small), and the pure
-reductions of backend.local_reductions, which the client computes itself.
+(layer, head, T, T) `attention` (results that cross the network are small).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from scipy.spatial.distance import jensenshannon
 
 from backend.analyses import AnalysisRequest
 from backend.errors import InputError
-from backend.examples import COMPARISON_EXAMPLE
+from pages.examples import COMPARISON_EXAMPLE
 
 BIG, SMALL = COMPARISON_EXAMPLE
 

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from backend.errors import InputError
-from backend.lessons import VIEW_PAGES, parse_view, read_lesson, read_lessons, step_requests
+from pages.lesson_files import VIEW_PAGES, parse_view, read_lesson, read_lessons, step_requests
 from pages import view_requests
 from pages.shared import PAGES
 from tests.conftest import REPO_ROOT

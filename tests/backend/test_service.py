@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 import threading
 import time
 from dataclasses import replace
@@ -18,6 +20,8 @@ from backend.analyses import AnalysisRequest, analysis_id
 from backend.config import REPO_ROOT, Settings
 from backend.errors import AtlasError, ModelLoadError, NotFoundError
 from backend.models import load_model, resolve_source, source_fingerprint
+from backend.models.fingerprint import file_sha256
+from backend.models.sources import packaged_model_dir
 from backend.service import AtlasService, Ticket
 from backend.worker import JobCancelled, Worker
 
@@ -300,6 +304,42 @@ def test_custom_code_in_a_model_folder_never_runs(local_settings, tmp_path):
 
 
 # --- the worker -----------------------------------------------------------------------------
+
+def test_a_first_submit_leaves_reading_the_weights_to_its_job(local_settings):
+    """Weights never hashed in this process (a model folder of new files): submit answers at
+    once with a job, its own thread reading no weight file, and the job finds the id the
+    weights' fingerprint gives."""
+    folder = local_settings.model_dirs[0] / "minilm-copy"
+    folder.mkdir()
+    for path in packaged_model_dir("minilm", local_settings).iterdir():
+        if not path.is_file():
+            continue
+        try:  # a new path: file hashes are memoised by path, size and time
+            os.link(path, folder / path.name)
+        except OSError:
+            shutil.copy(path, folder / path.name)
+    service = AtlasService(local_settings)
+    release, started = threading.Event(), threading.Event()
+    service.worker.submit("blocker", lambda ctx: started.set() or release.wait(60))
+    request = _request(model=str(folder))
+    try:
+        assert started.wait(60)
+        assert service.cached(request) is None
+        ticket = service.submit(request)
+        assert ticket.analysis_id is None and ticket.job_id is not None
+        # The job is queued behind the blocker: nothing has read the weights yet.
+        assert file_sha256(folder / "model.safetensors", read=False) is None
+        assert service.job_status(ticket.job_id).state == "queued"
+        release.set()
+        aid = service.job_result(ticket.job_id, timeout=300)
+        source = resolve_source(str(folder), local_settings)
+        assert aid == analysis_id(request, source_fingerprint(source))
+        assert service.submit(request) == Ticket(analysis_id=aid)
+        assert service.cached(request) == aid
+    finally:
+        release.set()
+        service.close()
+
 
 def test_progress_is_monotone_within_zero_and_one(service):
     ticket = service.submit(_request(_text(150)))

@@ -8,7 +8,7 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from backend.lessons import read_lessons
+from pages.lesson_files import read_lessons
 from tests.conftest import REPO_ROOT
 from tests.e2e.conftest import wait_idle
 

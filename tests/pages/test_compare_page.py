@@ -8,7 +8,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from backend.analyses import AnalysisRequest
-from backend.examples import COMPARISON_EXAMPLE
+from pages.examples import COMPARISON_EXAMPLE
 from tests.conftest import REPO_ROOT
 
 LAUNCHER = "from app import main\nmain()"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backend.lessons import read_lessons
+from pages.lesson_files import read_lessons
 from tests.conftest import REPO_ROOT
 from tests.pages.test_lessons_page import open_lessons, shown
 

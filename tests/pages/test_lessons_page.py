@@ -9,8 +9,8 @@ from streamlit.testing.v1 import AppTest
 
 from backend.analyses.long_context import LINK_SETTINGS, ProbeParams
 from backend.analyses.params import declared
-from backend.lessons import read_lessons
-from backend.precompute import precompute
+from pages.lesson_files import read_lessons
+from pages.lesson_preparation import precompute
 from tests.conftest import REPO_ROOT
 
 LESSONS = read_lessons(REPO_ROOT / "lessons")

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from backend.analyses import AnalysisRequest
-from backend.examples import DEFAULT_EXAMPLE, EXAMPLES
+from pages.examples import DEFAULT_EXAMPLE, EXAMPLES
 from pages.shared import PAGES
 from tests.pages.test_pages import app
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from backend.examples import DEFAULT_EXAMPLE, EXAMPLES
+from pages.examples import DEFAULT_EXAMPLE, EXAMPLES
 from backend.analyses import AnalysisRequest
 from tests.conftest import REPO_ROOT
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
 from backend.analyses import AnalysisRequest
+from pages import view_requests, view_state
 from tests.conftest import REPO_ROOT, SHARED_FIXTURES
 from tests.pages.test_pages import app
 
@@ -199,3 +202,26 @@ def test_resampling_by_engine_name_with_its_cost_on_chosen_sentences_then_more(s
     total = int(re.search(r"of these (\d+) saved", cost).group(1))
     assert "2 rollouts × 2 sentences = 4 rollouts" in cost
     assert f"{total // 2} of these {total} saved already, {total // 2} to sample" in cost
+
+
+def test_a_link_with_chosen_sentences_reopens_that_selection(service):
+    trace = own_trace(service, WRONG)
+    n = len(service.analysis(trace).meta["chunks"])
+    assert n >= 3
+    at = app(PAGE, t=trace, ta_which="Chosen", ta_chunks=f"{n - 1},0", ta_r="1")
+    assert not at.exception
+    assert at.segmented_control(key="ta_which").value == "Chosen"
+    assert at.multiselect(key="ta_chunks").value == [0, n - 1]
+    cost = next(m.value for m in at.markdown if m.value.startswith("**Expected cost:**"))
+    # Sentence 0 is compared with sentence 1, the last with none: three sentences resampled.
+    assert "1 rollouts × 3 sentences = 3 rollouts" in cost
+    # The page's own link carries the selection again, as the view state reads it.
+    query = dict(parse_qsl(urlsplit(at.code[-1].value).query))
+    assert query["ta_chunks"] == f"0,{n - 1}"
+    state = view_state.parse("thought_anchors", query)
+    assert state.ta_chunks == (0, n - 1) and state.ta_which == "Chosen"
+    # What the view asks for with the resampling on: those sentences (a lesson's and the
+    # precompute command's request too).
+    asked = [r for r in view_requests.thought_anchors(replace(state, ta_resample=True), service)
+             if r.kind == "ta_resampling"]
+    assert [list(r.params["chunks"]) for r in asked] == [[0, n - 1]]

@@ -15,10 +15,11 @@ from pages.shared import PAGES
 
 NAMES = ["a", "b", "t", "lc", "lesson", "step", "present", "layer", "head", "target", "fusion",
          "flow", "hi_score", "hi_prune", "hi_recompute", "cmp_importance", "ta_source",
-         "ta_supp", "ta_resample", "ta_which", "ta_engine", "ta_r", "ta_tokens", "lc_lengths"]
+         "ta_supp", "ta_resample", "ta_which", "ta_engine", "ta_r", "ta_tokens", "ta_chunks",
+         "lc_lengths"]
 any_text = st.text(st.characters(codec=None), max_size=40) | st.sampled_from(
     ["", " ", "\0", "0" * 24, "f" * 24, "F" * 24, "0" * 25, "-1", "9" * 5000, "\u0663",
-     "true", "True", "<script>"])
+     "true", "True", "<script>", "3,7,3", "2, 1", "1,,2", "0,\u0663"])
 queries = st.dictionaries(st.sampled_from(NAMES) | st.text(max_size=8), any_text, max_size=6)
 hex_ids = st.text("0123456789abcdef", min_size=24, max_size=24)
 
@@ -51,6 +52,9 @@ def test_any_query_gives_a_state_or_a_clear_message(view, query):
     for name in ("ta_r", "ta_tokens"):
         value = getattr(state, name, None)
         assert value is None or value == int(query[name])
+    chosen = getattr(state, "ta_chunks", None)  # sentence indices, each once, in order
+    assert chosen is None or (list(chosen) == sorted(set(chosen)) and
+                              set(chosen) == {int(i) for i in query["ta_chunks"].split(",")})
     if isinstance(state, view_state.LessonView):
         assert isinstance(state.step, int) and 1 <= state.step < 10 ** view_state.MAX_DIGITS
         raw = query.get("step", "")

@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, urlsplit
 import yaml
 
 from backend.analyses import AnalysisRequest
-from backend.errors import InputError
+from backend.service import InputError
 from pages import view_requests, view_state
 
 # Pages a step may show (the names of their files and links).
