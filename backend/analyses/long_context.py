@@ -5,7 +5,9 @@ The request's text is the needle sentence; params: question, answer_start (given
 after "Answer:"; "" = Wu et al.'s setting, the whole needle to copy), lengths (input tokens) and
 depths (0..1) of the haystack trials, max_new_tokens, bins, passkey_length, sink, recent, seed.
 Defaults scale the papers' settings (Wu et al.: 1,000 to 50,000 tokens in 20 steps x depths
-0..100 % in 10 steps, 50 new tokens; DuoAttention: 64 sink + 256 recent tokens) to a CPU.
+0..100 % in 10 steps, 50 new tokens; DuoAttention: 64 sink + 256 recent tokens) to the machine:
+the dataclass holds the CPU's (a probe of a few minutes on two cores), GPU_SCALE what a GPU
+takes instead (`machine_defaults`); `probe_request` and `link_request` fill in the machine's.
 
 Arrays, (layer, head) unless said: "retrieval" (NaN when no trial retrieved the needle),
 "retrieval_trials" (trial, layer, head), "recall" (trial,), "top_keys" (trial, step, layer, head)
@@ -37,15 +39,25 @@ NEEDLE = haystack.NEEDLE
 MAX_PROBE_TOKENS = 10 ** 6
 
 
+# The dataclass's defaults are the CPU's: two lengths x two depths, 16 new tokens for the
+# needle's rest (about 12 tokens). A GPU's: Wu et al.'s 10 depths and 50 new tokens over lengths
+# doubling up to 8,000 tokens (within the context of every packaged model); longer haystacks
+# (16k, 32k) are a setting away.
+GPU_SCALE = {"lengths": (1000, 2000, 4000, 8000),
+             "depths": (0.0, 0.11, 0.22, 0.33, 0.44, 0.56, 0.67, 0.78, 0.89, 1.0),
+             "max_new_tokens": 50, "passkey_length": 8000}
+
+
 @dataclass(frozen=True)
 class ProbeParams:
-    """The probe's settings (module docstring); the text is the needle."""
+    """The probe's settings (module docstring); the text is the needle. Defaults: the CPU's
+    (GPU_SCALE above replaces some on a GPU)."""
 
     question: str = param(haystack.QUESTION)
     answer_start: str = param(haystack.ANSWER_START)
     lengths: tuple[int, ...] = param((1000, 2000), low=1, high=MAX_PROBE_TOKENS)
-    depths: tuple[float, ...] = param((0.1, 0.5, 0.9), low=0.0, high=1.0)
-    max_new_tokens: int = param(32, low=1, high=200)
+    depths: tuple[float, ...] = param((0.25, 0.75), low=0.0, high=1.0)
+    max_new_tokens: int = param(16, low=1, high=200)
     bins: int = param(128, low=1, high=4096)
     passkey_length: int = param(1000, low=1, high=MAX_PROBE_TOKENS)
     sink: int = param(SINK_TOKENS, low=1, high=MAX_PROBE_TOKENS)
@@ -63,24 +75,38 @@ SCORES = ("retrieval", "streaming", "sink_alpha")
 EXCERPT = 48  # tokens kept on each side of the needle for the per-trial view
 
 
-def probe_request(model: str, needle: str = NEEDLE, **params) -> AnalysisRequest:
-    """The probe's request (defaults for the settings left out)."""
+def machine_defaults(device: str | None = None) -> dict:
+    """The probe's defaults on `device` ("cpu", "cuda..."; None: where this process's worker
+    runs, ATLAS_DEVICE or any GPU)."""
+    if device is None:
+        from backend.config import Settings
+        from backend.models.loading import pick_device
+
+        device = str(pick_device(Settings.from_env()))
+    return {**DEFAULTS, **({} if device.startswith("cpu") else GPU_SCALE)}
+
+
+def probe_request(model: str, needle: str = NEEDLE, device: str | None = None,
+                  **params) -> AnalysisRequest:
+    """The probe's request: the machine's defaults (`machine_defaults(device)`) for the
+    settings left out."""
     unknown = set(params) - set(DEFAULTS)
     if unknown:
         raise InputError(f"Unknown probe settings: {', '.join(sorted(unknown))}.")
-    return AnalysisRequest.make(KIND, model, needle, **params)
+    return AnalysisRequest.make(KIND, model, needle, **{**machine_defaults(device), **params})
 
 
 # A link's (or lesson step's) probe settings: query parameter -> the probe's parameter.
 LINK_SETTINGS = {"lc_lengths": "lengths", "lc_depths": "depths", "lc_passkey": "passkey_length"}
 
 
-def link_request(model: str, link: dict[str, str]) -> AnalysisRequest:
-    """The default probe with the settings a link (or a lesson step) carries: lc_lengths and
-    lc_depths comma-separated, lc_passkey; a malformed value is refused, naming it."""
+def link_request(model: str, link: dict[str, str], device: str | None = None) -> AnalysisRequest:
+    """The machine's default probe with the settings a link (or a lesson step) carries:
+    lc_lengths and lc_depths comma-separated, lc_passkey; a malformed value is refused, naming
+    it."""
     strings = {name: link[key] for key, name in LINK_SETTINGS.items()
                if str(link.get(key, "")).strip()}
-    return probe_request(model, **from_query(KIND, ProbeParams, strings))
+    return probe_request(model, device=device, **from_query(KIND, ProbeParams, strings))
 
 
 def _settings(p: ProbeParams, max_tokens: int) -> dict:
@@ -115,34 +141,27 @@ def compute_long_context_heads(ctx, task: Task[ProbeParams]):
     context = model_context(lm.model.config) or ctx.settings.max_tokens
     p = _settings(task.params, min(ctx.settings.max_tokens, context))
     tok, needle = lm.tokenizer, request.text.strip()
-    trials = [(n, d) for n in p["lengths"] for d in p["depths"]]
-    copies, metas, scores = [], [], []
-    for i, (length, depth) in enumerate(trials):
-        stage = f"Trial {i + 1}/{len(trials)}: {length:,} tokens, needle at {depth:.0%}"
-        ctx.progress(0.3 + 0.55 * i / len(trials), stage)
-        trial = haystack.build_trial(tok, length, depth, needle, p["question"],
-                                     p["answer_start"], p["seed"])
-        copy = haystack.greedy_copy(lm.model, tok, trial, p["max_new_tokens"], p["bins"],
-                                    ctx.span(0.3 + 0.55 * i / len(trials),
-                                             0.3 + 0.55 * (i + 1) / len(trials)))
+    trials = [haystack.build_trial(tok, n, d, needle, p["question"], p["answer_start"],
+                                   p["seed"]) for n in p["lengths"] for d in p["depths"]]
+    copies = haystack.greedy_copies(lm.model, tok, trials, p["max_new_tokens"], p["bins"],
+                                    ctx.span(0.3, 0.85, "Haystack trials"))
+    metas, scores = [], []
+    for trial, copy in zip(trials, copies):
         answer = tok.decode(copy.generated.tolist(), skip_special_tokens=True)
         given = p["answer_start"].strip()
         recall = rouge1_recall(needle, f"{given} {answer}" if given else answer)
         scores.append(trial_retrieval_scores(copy.top_keys, copy.generated,
                                              np.asarray(trial.ids), trial.span))
         lo, hi = max(0, trial.needle[0] - EXCERPT), min(len(trial.ids), trial.needle[1] + EXCERPT)
-        metas.append({"length": length, "depth": depth, "n_tokens": len(trial.ids),
+        metas.append({"length": trial.length, "depth": trial.depth, "n_tokens": len(trial.ids),
                       "needle": list(trial.needle), "span": list(trial.span),
                       "question_at": trial.question, "answer": answer, "recall": recall,
                       "accepted": recall > RECALL_THRESHOLD, "excerpt_start": lo,
                       "excerpt": _labels(tok, trial.ids[lo:hi]),
                       "generated": _labels(tok, copy.generated.tolist())})
-        copies.append(copy)
     ctx.progress(0.86, f"Streaming proxy and sinks on a {p['passkey_length']:,}-token passkey")
     ids, question_at = haystack.passkey_input(tok, p["passkey_length"], p["seed"])
-    errors = haystack.streaming_pass(lm.model, ids, question_at, p["sink"], p["recent"])
-    ctx.progress(0.93, "Attention to the first token (sink alpha)")
-    alpha = haystack.first_key_masses(lm.model, ids)
+    errors, alpha = haystack.passkey_pass(lm.model, ids, question_at, p["sink"], p["recent"])
     trial_scores = np.stack(scores)
     recalls = np.array([m["recall"] for m in metas])
     arrays = {

@@ -1,5 +1,6 @@
 """The long-context probe end to end on SmolLM2 (small settings), checked against eager attention
-computed apart: the top-1 keys while copying, the first-token attention, the trial bookkeeping."""
+computed apart: the top-1 keys while copying, the first-token attention, the trial bookkeeping;
+trials sharing their haystack's prefill against each trial decoded on its own."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend.analyses.long_context import probe_request, role_shares
+from backend.analyses.long_context import GPU_SCALE, probe_request, role_shares
 from backend.errors import InputError
 from backend.methods.capture import capture_attention
 from backend.methods.heads import haystack
@@ -108,3 +109,32 @@ def test_probe_refuses_bad_settings(service):
         service.run(probe_request("smollm2", lengths=[100], depths=[0.5]))
     with pytest.raises(InputError):
         service.run(probe_request("minilm", **SMALL))
+
+
+def test_trials_sharing_the_haystack_prefill_copy_as_each_trial_alone(smollm2):
+    tok = smollm2.tokenizer
+    trials = [haystack.build_trial(tok, n, d, haystack.NEEDLE, haystack.QUESTION,
+                                   haystack.ANSWER_START) for n in (200, 300) for d in (0.8, 0.3)]
+    reports = []
+    shared = haystack.greedy_copies(smollm2.model, tok, trials, 4, 64,
+                                    lambda f, stage: reports.append((f, stage)))
+    for trial, copy in zip(trials, shared):
+        alone = haystack.greedy_copy(smollm2.model, tok, trial, 4, 64)  # no prefix cache
+        np.testing.assert_array_equal(copy.generated, alone.generated)
+        assert (copy.top_keys == alone.top_keys).mean() > 0.99  # float ties aside
+        np.testing.assert_allclose(copy.bins, alone.bins, atol=1e-5)
+        np.testing.assert_allclose(copy.span, alone.span, atol=1e-5)
+    fractions = [f for f, _ in reports]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1
+    assert [s.split(":")[0] for s in dict.fromkeys(s.split(",")[0] for _, s in reports)] == \
+        [f"Trial {k}/4" for k in range(1, 5)]
+
+
+def test_the_defaults_are_the_machines_and_given_settings_win():
+    cpu = dict(probe_request("smollm2", device="cpu").params)
+    gpu = dict(probe_request("smollm2", device="cuda:0").params)
+    assert max(cpu["lengths"]) * len(cpu["depths"]) < max(gpu["lengths"]) * len(gpu["depths"])
+    assert {name: gpu[name] for name in GPU_SCALE} == GPU_SCALE
+    assert {name: v for name, v in gpu.items() if name not in GPU_SCALE} == \
+        {name: v for name, v in cpu.items() if name not in GPU_SCALE}
+    assert dict(probe_request("smollm2", device="cuda", lengths=[500]).params)["lengths"] == (500,)

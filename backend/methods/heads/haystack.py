@@ -10,13 +10,20 @@ haystack never forms a (head, T, T) map):
 - `greedy_copy`: prefill, then greedy decoding with a KV cache; at each step each head's exact
   weights of the one new query give its top-1 key, its weights binned over the input and on the
   needle span (the head's attention during the copy).
-- `streaming_pass`: one pass over a passkey input; `long_context.streaming_errors` per layer on
-  the queries from the question on.
-- `first_key_masses`: Gu et al.'s alpha through the long-context capture (`qk_capture`).
+- `greedy_copies`: `greedy_copy` of many trials, prefilling once the haystack they share: trials
+  of one seed differ only from their needle on (the sentences before it are a prefix of one
+  stream), so in order of needle position each trial extends one KV cache of that stream to its
+  needle and prefills only its own rest from a copy of it.
+- `passkey_pass`: one pass over a passkey input giving `long_context.streaming_errors` per layer
+  on the queries from the question on and Gu et al.'s alpha through the long-context capture
+  (`qk_capture`, exact weights chunk by chunk).
 """
 
 from __future__ import annotations
 
+import copy as copying
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +37,7 @@ from backend.methods.binning import bin_edges
 from backend.methods.exact import AttentionRule
 from backend.methods.heads.long_context import FirstKeyMass, streaming_errors
 from backend.methods.hooks import attention_function
-from backend.methods.qk_capture import UnsupportedAttention, capture_layers, mask_rule
+from backend.methods.qk_capture import LayerRecorder, UnsupportedAttention
 from backend.progress import Progress
 
 _WHO = ("The old miller", "A quiet engineer", "The river pilot", "My neighbour", "The night baker",
@@ -167,17 +174,17 @@ class Copy:
 
 
 class _CopyRecorder:
-    """Our attention function during greedy decoding (module docstring)."""
+    """Our attention function during greedy decoding (module docstring). Per step and layer it
+    only adds the one query's weights on the input into a sum (layer, head, input token) and
+    keeps its argmax, on the model's device; bins and span come from the sum at the end."""
 
     def __init__(self, n_layers: int, n_prompt: int, span: tuple[int, int], bins: int):
         self.n_layers, self.n_prompt, self.span = n_layers, n_prompt, span
         self.edges = bin_edges(n_prompt, bins)
-        self.bin_of = torch.as_tensor(np.searchsorted(self.edges, np.arange(n_prompt),
-                                                      side="right") - 1)
         self.length = 0  # tokens seen once the current step's query is in
         self.layer = 0
-        self.top: list[torch.Tensor] = []
-        self.bins = self.span_weights = None
+        self.top: list[torch.Tensor] = []  # per step (layer, head)
+        self.weights = None  # (layer, head, input token) float64 sum over the steps
 
     def __call__(self, module: nn.Module, query, key, value, attention_mask, scaling=None,
                  dropout=0.0, sliding_window=None, softcap=None, s_aux=None, is_causal=None,
@@ -202,23 +209,43 @@ class _CopyRecorder:
 
     def _record(self, p: torch.Tensor, offset: int) -> None:
         """p (head, key) of keys at positions offset + j."""
-        n_heads = p.shape[0]
         if self.layer == 0:
-            self.top.append(torch.empty(self.n_layers, n_heads, dtype=torch.long))
-        self.top[-1][self.layer] = p.argmax(-1).cpu() + offset
+            self.top.append(torch.empty(self.n_layers, p.shape[0], dtype=torch.long,
+                                        device=p.device))
+            if self.weights is None:
+                self.weights = torch.zeros(self.n_layers, p.shape[0], self.n_prompt,
+                                           dtype=torch.float64, device=p.device)
+        self.top[-1][self.layer] = p.argmax(-1) + offset
         first = max(0, -offset)  # keys of the input only: the answer's own keys are left out
         last = min(p.shape[1], self.n_prompt - offset)
-        row = torch.zeros(n_heads, self.n_prompt, dtype=torch.float64)
         if last > first:
-            row[:, offset + first:offset + last] = p[:, first:last].double().cpu()
-        if self.bins is None:
-            self.bins = torch.zeros(self.n_layers, n_heads, len(self.edges) - 1,
-                                    dtype=torch.float64)
-            self.span_weights = torch.zeros(self.n_layers, n_heads, self.span[1] - self.span[0],
-                                            dtype=torch.float64)
-        self.bins[self.layer].index_add_(1, self.bin_of, row)
-        self.span_weights[self.layer] += row[:, self.span[0]:self.span[1]]
+            self.weights[self.layer, :, offset + first:offset + last] += p[:, first:last]
         self.layer = (self.layer + 1) % self.n_layers
+
+    def result(self, generated: list[int]) -> "Copy":
+        """The Copy of the steps recorded, `generated` their tokens."""
+        steps = len(generated)
+        weights = self.weights.cpu() / steps  # mean over the steps, (layer, head, input token)
+        edges = torch.as_tensor(self.edges)
+        sums = torch.cumsum(torch.nn.functional.pad(weights, (1, 0)), dim=-1)
+        bins = (sums[..., edges[1:]] - sums[..., edges[:-1]]) / torch.diff(edges)
+        return Copy(torch.stack(self.top).cpu().numpy(), np.asarray(generated),
+                    bins.float().numpy(),
+                    weights[..., self.span[0]:self.span[1]].float().numpy(), self.edges)
+
+
+@contextmanager
+def one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """Greedy steps on the CPU run on one intra-op thread, restored after: a one-token step's
+    operations are too small to share, and on a busy two-core machine the second thread's
+    waiting at each of them made ten SmolLM2 steps take 14 to 41 s instead of 1 to 1.5 s."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _stops(tokenizer, token: int) -> bool:
@@ -226,61 +253,143 @@ def _stops(tokenizer, token: int) -> bool:
     return token == tokenizer.eos_token_id or "\n" in tokenizer.decode([token])
 
 
+@dataclass
+class Prefix:
+    """A KV cache of a sequence's first `length` tokens (`ids`), as the model's forward left it."""
+
+    ids: list[int]
+    cache: object
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    sliding_window=None, softcap=None, s_aux=None, is_causal=None, **kwargs):
+    """The attention function of a pass that records nothing (what `_CopyRecorder` does on
+    multi-token passes), so a shared prefix's cache equals the one each trial would build."""
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return _sdpa(module, query, key, value, attention_mask, scaling, is_causal, softcap, s_aux,
+                 kwargs), None
+
+
+@torch.inference_mode()
+def extend_prefix(model: nn.Module, prefix: Prefix | None, ids: list[int]) -> Prefix:
+    """The prefix extended to `ids` (which start with prefix.ids): only the new tokens run
+    (prefix's cache grows in place)."""
+    done = prefix.length if prefix else 0
+    if prefix is not None and done == len(ids):
+        return prefix
+    new = torch.tensor([ids[done:]], device=model.device)
+    with attention_function(model, _sdpa_attention):
+        cache = model(input_ids=new, past_key_values=prefix.cache if prefix else None,
+                      use_cache=True, logits_to_keep=1).past_key_values
+    return Prefix(list(ids), cache)
+
+
+def _decode(model: nn.Module, tokenizer, recorder: _CopyRecorder, cache, token: torch.Tensor,
+            n_prompt: int, max_new_tokens: int, progress: Progress | None) -> list[int]:
+    """Greedy tokens after the prefilled cache, `token` the input's last one."""
+    generated: list[int] = []
+    for step in range(max_new_tokens):
+        recorder.length = n_prompt + step
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        generated.append(int(out.logits[0, -1].argmax()))
+        if progress:
+            progress((step + 1) / max_new_tokens, f"copying, token {step + 1}")
+        if _stops(tokenizer, generated[-1]):
+            break
+        token = torch.tensor([[generated[-1]]], device=model.device)
+    return generated
+
+
 @torch.inference_mode()
 def greedy_copy(model: nn.Module, tokenizer, trial: Trial, max_new_tokens: int = 50,
-                bins: int = 256, progress: Progress | None = None) -> Copy:
-    """Greedy decoding after the trial's input, at most max_new_tokens, recording every head."""
+                bins: int = 256, progress: Progress | None = None,
+                prefix: Prefix | None = None) -> Copy:
+    """Greedy decoding after the trial's input, at most max_new_tokens, recording every head.
+    prefix: a cache of the input's first tokens (consumed: its cache grows with the trial)."""
     n_layers = model.config.get_text_config().num_hidden_layers
     ids = torch.tensor([trial.ids], device=model.device)
+    if prefix is not None and trial.ids[:prefix.length] != prefix.ids:
+        raise ValueError("The prefix is not the start of the trial's input.")
+    done = prefix.length if prefix else 0
     recorder = _CopyRecorder(n_layers, len(trial.ids), trial.span, bins)
-    generated: list[int] = []
     with attention_function(model, recorder):
-        cache = model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
-        token = ids[:, -1:]
-        for step in range(max_new_tokens):
-            recorder.length = len(trial.ids) + step
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            generated.append(int(out.logits[0, -1].argmax()))
-            if progress:
-                progress((step + 1) / max_new_tokens, f"Copying: token {step + 1}")
-            if _stops(tokenizer, generated[-1]):
-                break
-            token = torch.tensor([[generated[-1]]], device=model.device)
+        cache = model(input_ids=ids[:, done:-1], past_key_values=prefix.cache if prefix else None,
+                      use_cache=True, logits_to_keep=1).past_key_values
+        with one_thread_on_cpu(model.device):
+            generated = _decode(model, tokenizer, recorder, cache, ids[:, -1:], len(trial.ids),
+                                max_new_tokens, progress)
     if len(recorder.top) != len(generated):
         raise UnsupportedAttention(f"{type(model).__name__} computes attention in its own code "
                                    "rather than through transformers' attention interface.")
-    steps = len(generated)
-    return Copy(torch.stack(recorder.top).numpy(), np.asarray(generated),
-                (recorder.bins / steps / np.diff(recorder.edges)).float().numpy(),
-                (recorder.span_weights / steps).float().numpy(), recorder.edges)
+    return recorder.result(generated)
+
+
+# A greedy step against prefilled tokens, for progress only: on two CPU cores a step of SmolLM2
+# (one thread) costs about as much as prefilling this many tokens.
+STEP_TOKENS = 16
+
+
+def greedy_copies(model: nn.Module, tokenizer, trials: list[Trial], max_new_tokens: int = 50,
+                  bins: int = 256, progress: Progress | None = None) -> list[Copy]:
+    """`greedy_copy` of every trial, in the trials' order, the haystack before the needles
+    prefilled once (module docstring). Progress: each trial's share is the tokens it prefills
+    plus its greedy steps (STEP_TOKENS each)."""
+    order = sorted(range(len(trials)), key=lambda i: trials[i].needle[0])
+    befores = [trials[i].ids[:trials[i].needle[0]] for i in order]  # the stream up to each needle
+    extends = [k > 0 and befores[k][:len(befores[k - 1])] == befores[k - 1]
+               for k in range(len(order))]  # False: another stream, prefilled from the start
+    steps = STEP_TOKENS * max_new_tokens
+    costs = [len(trials[i].ids) - (len(befores[k - 1]) if extends[k] else 0) + steps
+             for k, i in enumerate(order)]
+    total, done = sum(costs), 0
+    copies: dict[int, Copy] = {}
+    prefix = None
+    for k, i in enumerate(order):
+        label = (f"Trial {k + 1}/{len(trials)}: {len(trials[i].ids):,} tokens, needle at "
+                 f"{trials[i].depth:.0%}")
+        if progress:
+            progress(done / total, f"{label}, prefilling")
+        if befores[k]:
+            prefix = extend_prefix(model, prefix if extends[k] else None, befores[k])
+        own = Prefix(prefix.ids, copying.deepcopy(prefix.cache)) if befores[k] else None
+        report = None
+        if progress:
+            def report(f, stage, start=done, cost=costs[k], label=label):
+                progress((start + cost - steps * (1 - f)) / total, f"{label}, {stage}")
+        copies[i] = greedy_copy(model, tokenizer, trials[i], max_new_tokens, bins, report, own)
+        done += costs[k]
+    return [copies[i] for i in range(len(trials))]
 
 
 @torch.inference_mode()
-def streaming_pass(model: nn.Module, ids: list[int], queries_from: int, sink: int,
-                   recent: int) -> np.ndarray:
-    """(layer, head) `streaming_errors` of every head on queries [queries_from, T)."""
-    errors: list[np.ndarray] = []
+def passkey_pass(model: nn.Module, ids: list[int], queries_from: int, sink: int,
+                 recent: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over the passkey input: ((layer, head) `streaming_errors` of every head on
+    queries [queries_from, T), (layer, head) Gu et al.'s alpha from exact weights chunk by
+    chunk)."""
+    n_layers = model.config.get_text_config().num_hidden_layers
     n_tokens = len(ids)
+    recorder = LayerRecorder(n_layers, lambda layer, heads, tokens, device:
+                             [FirstKeyMass(heads, tokens, device)], keep_qk=False,
+                             sixteen_bits=False, chunk_bytes=None, progress=None)
+    errors: list[np.ndarray] = []
 
-    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-               sliding_window=None, softcap=None, s_aux=None, is_causal=None, **kwargs):
-        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        rule = mask_rule(attention_mask, bool(causal), sliding_window, float(scaling), n_tokens)
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        out = recorder(module, query, key, value, attention_mask, **kwargs)
+        rule = recorder.layers[-1].rule  # the layer's mask, soft-capping and sinks
         errors.append(streaming_errors(query[0], key[0], value[0], rule,
                                        slice(queries_from, n_tokens), sink, recent))
-        return _sdpa(module, query, key, value, attention_mask, scaling, is_causal, softcap,
-                     s_aux, kwargs), None
+        return out
 
     with attention_function(model, attend):
         model.base_model(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
-    return np.stack(errors)
-
-
-def first_key_masses(model: nn.Module, ids: list[int]) -> np.ndarray:
-    """(layer, head) Gu et al.'s alpha on the input, exact weights chunk by chunk."""
-    layers = capture_layers(model, torch.tensor([ids]), keep_qk=False,
-                            reducers=lambda layer, heads, tokens, device:
-                            [FirstKeyMass(heads, tokens, device)])
-    return np.stack([layer.reductions[0] for layer in layers])
+    recorder.finish()
+    if len(recorder.layers) != n_layers:
+        raise UnsupportedAttention(f"{type(model).__name__} computes attention in its own code "
+                                   "rather than through transformers' attention interface.")
+    return np.stack(errors), np.stack([layer.reductions[0] for layer in recorder.layers])
