@@ -16,69 +16,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
+from bench.running_app import CHROMIUM, CHROMIUM_ARGS, RunningApp, prepare
+
 CHART = "[data-testid='stVegaLiteChart'] canvas, [data-testid='stVegaLiteChart'] svg"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _environment(cache: Path) -> dict[str, str]:
-    return {**os.environ, "ATLAS_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
-
-
-def prepare(cache: Path) -> float:
-    started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "backend.prepare"], cwd=REPO_ROOT, check=True,
-                   env=_environment(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.monotonic() - started
 
 
 def one_run(browser, cache: Path) -> tuple[float, float]:
     """(seconds until the server answers, seconds from that answer to the first chart)."""
-    port, worker_port = _free_port(), _free_port()
-    started = time.monotonic()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "backend.serving.run_app", "--port", str(port), "--worker-port",
-         str(worker_port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=REPO_ROOT, env=_environment(cache), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.05)
-            if time.monotonic() - started > 300:
-                raise RuntimeError("the app did not answer within 300 s")
+    with RunningApp(cache) as app:
         answered = time.monotonic()
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(url)
+        page.goto(app.url)
         page.locator(CHART).first.wait_for(state="visible", timeout=300_000)
         charted = time.monotonic()
         page.close()
-        return answered - started, charted - answered
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        return app.answered_s, charted - answered
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cold start, {os.cpu_count()} CPU cores, {args.runs} runs per case")
     results = {}
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         cases = [("prepared", True)] + ([("unprepared", False)] if args.unprepared else [])
         for name, prepared in cases:
             firsts = []

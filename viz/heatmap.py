@@ -22,6 +22,12 @@ MAX_WIDTH = 560  # plot width that fits the main column at 1,280 px wide
 # The one rule of the views: up to DETAIL_MAX tokens per side a matrix is drawn cell by cell,
 # wider ones as a binned overview.
 DETAIL_MAX = 96
+# Thousands of cells, each encoded in the browser by Vega's expression interpreter: no encoding
+# depends on the click selection (dimming the other cells re-encoded every cell on each click
+# and each redraw: a third or more of the browser's CPU per click at 96 x 96; the page shows the
+# picked token instead), and no ARIA description per cell (a string built per cell, which no
+# screen reader can use at this count).
+CELL_MARK = {"aria": False}
 
 
 def _colour(values: np.ndarray, scale: str, title: str) -> alt.Color:
@@ -83,12 +89,15 @@ def attention_heatmap(matrix: np.ndarray, query_labels: list[str], key_labels: l
                 if per_key >= CELL_PX else
                 alt.Axis(labelAngle=-90, labelLimit=90, labelOverlap="parity",
                          labelFontSize=max(7, min(10, int(per_key) - 1))))
-    return alt.Chart(frame, title=title).mark_rect().encode(
-        x=alt.X("k:N", sort=k_axis, title="key (attended to)", axis=key_axis),
-        y=alt.Y("q:N", sort=q_axis, title="query (attending)",
+    # Axes in token order by the numeric position: a list of labels as the sort would make Vega
+    # look each cell's label up in that list (a chain of comparisons per cell, interpreted in
+    # the browser: a large part of each redraw at 96 x 96). See CELL_MARK for the rest.
+    return alt.Chart(frame, title=title).mark_rect(**CELL_MARK).encode(
+        x=alt.X("k:N", sort=alt.EncodingSortField("key", op="min"), title="key (attended to)",
+                axis=key_axis),
+        y=alt.Y("q:N", sort=alt.EncodingSortField("query", op="min"), title="query (attending)",
                 axis=alt.Axis(labelLimit=90, labelOverlap=False)),
         color=colour,
-        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.55)),
         tooltip=[alt.Tooltip("q:N", title="query"), alt.Tooltip("k:N", title="key"),
                  alt.Tooltip("weight:Q", format=".4f")],
     ).add_params(pick).properties(width=width, height=height, autosize=PLOT_SIZE)
@@ -117,13 +126,12 @@ def binned_heatmap(values: np.ndarray, query_edges: np.ndarray, key_edges: np.nd
                                on="click")
     q_domain = [int(query_edges[-1]), int(query_edges[0])]
     k_domain = [int(key_edges[0]), int(key_edges[-1])]
-    return alt.Chart(frame, title=title).mark_rect().encode(
+    return alt.Chart(frame, title=title).mark_rect(**CELL_MARK).encode(
         x=alt.X("k0:Q", title="key position", scale=alt.Scale(domain=k_domain, nice=False)),
         x2="k1:Q",
         y=alt.Y("q0:Q", title="query position", scale=alt.Scale(domain=q_domain, nice=False)),
         y2="q1:Q",
         color=colour,
-        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.6)),
         tooltip=[alt.Tooltip("queries:N"), alt.Tooltip("keys:N"),
                  alt.Tooltip("weight:Q", title="mean attention", format=".5f")],
     ).add_params(pick, *([alt.selection_interval(name=BRUSH, encodings=["x", "y"])]
