@@ -13,15 +13,18 @@ threads, as Streamlit sessions share it) on the same cache file. Prints requests
 latency of both and their ratios (service / in-process). Not a timed test.
 
     python -m bench.serve_bench --replicas [--jobs 12] [--job-tokens 128] [--gpus-per-replica 0]
+        [--random qwen2.5-1.5b [--layers N] [--tokenizer DIR]]
 
 `--replicas` measures instead the throughput of distinct attention jobs on Ray Serve with 1 vs
-2 model-worker replicas (see `distinct_jobs`).
+2 model-worker replicas (see `distinct_jobs`), of the packaged SmolLM2 or, with `--random`, of a
+published architecture with random weights (see `random_model`; no hub needed).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -30,10 +33,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from backend.analyses import AnalysisRequest
 from backend.config import Settings
 from backend.serving.client import WorkerClient
+from bench.ablation_bench import PRESETS
 from tests.serving.worker_process import WorkerProcess, free_port
 
 PARAGRAPH = ("Attention lets every token look back at the tokens before it. Each head learns its "
@@ -89,18 +94,56 @@ def measure(make_service, view, clients: int, requests: int) -> dict:
             "p95": float(np.percentile(ms, 95))}
 
 
+def random_model(preset: str, layers: int | None, tokenizer: str | None) -> str:
+    """The model reference of a folder in the first model folder (kept between runs) holding
+    `preset`'s architecture (bench.ablation_bench.PRESETS; its first `layers` layers) with
+    random bf16 weights and the tokenizer of folder `tokenizer` (default: the packaged SmolLM2's
+    converted copy). Job time depends on the shapes, not on the weight values."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from backend.models import resolve_source
+    from backend.models.conversion import converted_folder
+
+    settings = Settings.from_env()
+    name = f"random-{preset}" + (f"-{layers}-layers" if layers else "")
+    folder = settings.model_dirs[0] / name
+    if (folder / "config.json").is_file():
+        return name
+    fields = {**PRESETS[preset], **({"num_hidden_layers": layers} if layers else {})}
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    words = AutoTokenizer.from_pretrained(
+        tokenizer or converted_folder(resolve_source("smollm2", settings), settings))
+    if len(words) > config.vocab_size:
+        raise SystemExit(f"The tokenizer has {len(words)} tokens, {preset} embeds only "
+                         f"{config.vocab_size}: give another --tokenizer.")
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    partial = folder.with_name(f"{name}.partial")  # renamed once whole: no torn folder
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    words.save_pretrained(partial)
+    partial.rename(folder)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the device is for the replicas
+    return name
+
+
 def distinct_jobs(args) -> None:
     """Throughput of distinct attention jobs (--jobs of about --job-tokens tokens each, all
     submitted at once through the ingress's HTTP API) on Ray Serve with 1 vs 2 model-worker
     replicas of --gpus-per-replica GPUs each (0: CPU replicas of one core each; 0.5: two sharing
     one GPU), each on a fresh cache after a warm-up that loads the model on every replica.
-    Prints jobs/s of both and their ratio."""
+    The model: SmolLM2, or with --random a random one (`random_model`). Prints jobs/s of both
+    and their ratio."""
     import ray
     from ray import serve
 
     from backend.serving.ray_serve import APP_NAME, build_app
 
     os.environ.setdefault("ATLAS_CONVERTED_DIR", str(Settings.from_env().converted_models_dir))
+    model = random_model(args.random, args.layers, args.tokenizer) if args.random else "smollm2"
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -111,12 +154,12 @@ def distinct_jobs(args) -> None:
         return [f"Job {tag}-{i}: " + " ".join(f"The {tag} ledger {i} lists barrels of salt."
                                             for _ in range(words)) for i in range(n)]
 
-    def run_all(batch: list[str]) -> float:
+    def run_all(batch: list[str]) -> tuple[float, int]:
+        """Seconds to complete all of `batch`, and the tokens of its first job."""
         began = time.perf_counter()
-        tickets = [client.submit(AnalysisRequest.make("attention", "smollm2", t)) for t in batch]
-        for ticket in tickets:
-            client.job_result(ticket.job_id, timeout=1800)
-        return time.perf_counter() - began
+        tickets = [client.submit(AnalysisRequest.make("attention", model, t)) for t in batch]
+        ids = [client.job_result(ticket.job_id, timeout=1800) for ticket in tickets]
+        return time.perf_counter() - began, len(client.analysis(ids[0]).meta["tokens"])
 
     rates = {}
     try:
@@ -125,10 +168,10 @@ def distinct_jobs(args) -> None:
             serve.run(build_app(replicas, replicas, args.gpus_per_replica, 1.0,
                                 env={"ATLAS_CACHE_DIR": cache}), name=APP_NAME, route_prefix="/")
             run_all(texts(f"warm{replicas}", 2 * replicas))  # every replica loads the model
-            wall = run_all(texts(f"run{replicas}", args.jobs))
+            wall, tokens = run_all(texts(f"run{replicas}", args.jobs))
             rates[replicas] = args.jobs / wall
-            print(f"{replicas} replica(s): {args.jobs} distinct jobs in {wall:.1f} s, "
-                  f"{rates[replicas]:.2f} jobs/s", flush=True)
+            print(f"{model}, {replicas} replica(s): {args.jobs} distinct jobs of {tokens} tokens "
+                  f"in {wall:.1f} s, {rates[replicas]:.2f} jobs/s", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -148,6 +191,11 @@ def main() -> None:
                         help="with --replicas: about this many tokens per job")
     parser.add_argument("--gpus-per-replica", type=float, default=0.0,
                         help="with --replicas: 0 on the CPU, 0.5 for two sharing one GPU")
+    parser.add_argument("--random", choices=sorted(PRESETS),
+                        help="with --replicas: this architecture with random weights")
+    parser.add_argument("--layers", type=int, help="with --random: only the first N layers")
+    parser.add_argument("--tokenizer", help="with --random: a tokenizer folder (default: the "
+                                            "packaged SmolLM2's)")
     args = parser.parse_args()
     if args.replicas:
         return distinct_jobs(args)

@@ -26,10 +26,15 @@ from backend.config import Settings
 from backend.errors import AtlasError, CacheFileError, InputError, WorkerUnavailable
 from backend.serving import DEFAULT_PORT, codec
 from backend.serving.methods import METHODS, Method
+from backend.worker import JobStatus
 
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 RETRY_DELAYS_S = (0.2, 0.5, 1.0)  # about 2 s of retries before a call says the worker is down
 LONG_POLL_S = 10.0  # a wait for a job's result is split into requests of at most this long
+# A job's status is read from the worker's memory: a worker that takes longer than this to say it
+# is not answering (a Ray Serve proxy holds requests while the ingress restarts, for as long as
+# that takes), and the page says so instead of hanging.
+STATUS_TIMEOUT_S = 5.0
 
 
 class WorkerClient:
@@ -45,6 +50,7 @@ class WorkerClient:
         self._headers = {"Content-Type": codec.JSON}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
+        self._connect_timeout_s = connect_timeout_s
         self._http = urllib3.PoolManager(
             maxsize=64, retries=False,
             timeout=urllib3.Timeout(connect=connect_timeout_s, read=timeout_s))
@@ -54,13 +60,17 @@ class WorkerClient:
         return f"WorkerClient({self.url!r})"
 
     # --- transport ------------------------------------------------------------------------
-    def _send(self, verb: str, path: str, body: bytes | None = None) -> urllib3.BaseHTTPResponse:
-        """The worker's response, after retrying connection failures and 'starting' answers."""
+    def _send(self, verb: str, path: str, body: bytes | None = None,
+              read_timeout_s: float | None = None) -> urllib3.BaseHTTPResponse:
+        """The worker's response, after retrying connection failures and 'starting' answers.
+        `read_timeout_s`: this request's (default: the client's)."""
         reason = ""
+        timeout = None if read_timeout_s is None else urllib3.Timeout(
+            connect=self._connect_timeout_s, read=read_timeout_s)
         for delay in (*RETRY_DELAYS_S, None):
             try:
                 response = self._http.request(verb, self.url + path, body=body,
-                                              headers=self._headers)
+                                              headers=self._headers, timeout=timeout)
             except urllib3.exceptions.ReadTimeoutError:
                 raise WorkerUnavailable(f"The worker at {self.url} took too long to answer.") \
                     from None
@@ -75,9 +85,9 @@ class WorkerClient:
                 time.sleep(delay)
         raise WorkerUnavailable(f"The worker at {self.url} does not answer ({reason}).")
 
-    def _call(self, method: Method, *args, **kwargs):
+    def _call(self, method: Method, *args, read_timeout_s: float | None = None, **kwargs):
         body = json.dumps(method.encode(*args, **kwargs)).encode()
-        return _result(self._send("POST", f"/api/{method.name}", body))
+        return _result(self._send("POST", f"/api/{method.name}", body, read_timeout_s))
 
     def ready(self) -> bool:
         """Whether the worker answers and serves requests now (one quick try, never raises)."""
@@ -100,6 +110,11 @@ class WorkerClient:
             self._settings = dataclasses.replace(remote,
                                                  lessons_dir=Settings.from_env().lessons_dir)
         return self._settings
+
+    def job_status(self, job_id: str) -> JobStatus:
+        """The job's state, progress and time left; WorkerUnavailable when the worker does not
+        answer within STATUS_TIMEOUT_S."""
+        return self._call(METHODS["job_status"], job_id, read_timeout_s=STATUS_TIMEOUT_S)
 
     def job_result(self, job_id: str, timeout: float | None = None) -> str:
         """The analysis id a finished job produced (raises the job's error). Blocks up to

@@ -15,7 +15,10 @@ compute, on as many GPUs and hosts as the Ray cluster has.
   the record and its arrays (through Ray's own transport between the cluster's processes).
 - Faults: a replica that dies mid-job is retried once on another (or the restarted one) with
   the rollouts saved so far; a second loss fails the job with a message saying so. Nothing is
-  written to the cache until the ingress saves a whole result in one transaction.
+  written to the cache until the ingress saves a whole result in one transaction. An ingress
+  that dies takes its job table along: Serve starts a new one on the same cache file, its
+  jobs report that they were interrupted (the app submits them again; resampling resumes from
+  the rollouts saved), and the replicas stop the jobs it had sent them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import replace
 import ray
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve._private.constants import SERVE_NAMESPACE  # where Serve's actors are named
 
 from backend import analyses
 from backend.analyses import AnalysisRequest
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "atlas"
 MODELS_PER_REPLICA = 2  # the model pool's size on each replica (the Worker's default)
 HEARTBEAT_S = 0.5  # a replica re-sends its job's status this often, so a cancel is seen soon
+CALLER_CHECK_S = 2.0  # and checks this often that the ingress reading its job's stream lives
 ATTEMPTS = 2  # a job whose replica dies is retried once
 JOBS_PER_REPLICA = 4  # ingress jobs in flight per replica: the queue Serve autoscales on
 # What replicas need of the starting process's environment (Ray workers may be started by
@@ -84,11 +89,14 @@ class ModelWorker:
         job = self.worker.submit(f"load {multiplexed_id}", lambda ctx: ctx.model(ref))
         return await asyncio.to_thread(self.worker.result, job)
 
-    async def compute(self, request: AnalysisRequest, aid: str, saved: dict[str, list[dict]]):
+    async def compute(self, request: AnalysisRequest, aid: str, saved: dict[str, list[dict]],
+                      caller: str | None = None):
         """Events of one job, as dicts: {"status": JobStatus} (also every HEARTBEAT_S),
         {"rollouts": pool, "rows": [...]} (sampled rows to save), then {"result": (record,
         arrays)} or {"failed": message} or {"cancelled": message}. Closing the stream cancels
-        the job: it raises JobCancelled at its next progress report."""
+        the job: it raises JobCancelled at its next progress report. So does the death of
+        `caller` (the ingress's actor name), checked every CALLER_CHECK_S: Ray does not end a
+        stream whose reader died, and the job would hold the device for nobody."""
         yield {"status": self._status(f"Loading {request.model} on a model worker")}
         try:
             await self.model(serve.get_multiplexed_model_id())
@@ -103,12 +111,18 @@ class ModelWorker:
         self.jobs.append(job)
         stop = self.worker.listen(lambda status: status.id == job and put({"status": status}))
         finished = False
+        checked = loop.time()
         try:
             while not finished:
                 try:
                     event = await asyncio.wait_for(events.get(), HEARTBEAT_S)
                 except TimeoutError:
                     event = {"status": self.worker.status(job)}
+                if caller and loop.time() - checked > CALLER_CHECK_S:
+                    checked = loop.time()
+                    if not await asyncio.to_thread(_alive, caller):
+                        log.warning("The ingress of job %s is gone: cancelling it", aid)
+                        return  # (the job is cancelled below)
                 status = event.get("status")
                 finished = status is not None and status.finished
                 if not finished:
@@ -148,6 +162,16 @@ class ModelWorker:
                 "jobs": [self.worker.status(j).state for j in self.jobs]}
 
 
+def _alive(replica_actor: str) -> bool:
+    """Whether the Serve replica of this actor name lives (Serve never restarts a replica's
+    actor: it starts a new one, under a new name)."""
+    try:
+        ray.get_actor(replica_actor, SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
 class RayCompute:
     """An AtlasService executor: each job's compute on a ModelWorker replica holding its model.
 
@@ -165,12 +189,14 @@ class RayCompute:
         handle = self.model_worker.options(stream=True,
                                            multiplexed_model_id=model_id(request.model,
                                                                          fingerprint))
+        caller = ray.get_runtime_context().get_actor_name()  # the ingress's, in Serve
         with self._pools_held(pools, ctx):
             for attempt in range(1, ATTEMPTS + 1):
                 # Read again on a retry: rows the lost replica sent are saved and not redone.
                 saved = {pool: store.load_rollouts(pool) for pool in pools}
                 try:
-                    return self._follow(ctx, handle.compute.remote(request, aid, saved), store)
+                    return self._follow(ctx, handle.compute.remote(request, aid, saved, caller),
+                                        store)
                 except RayActorError as e:
                     log.warning("Model worker lost during job for %s (attempt %d): %s", aid,
                                 attempt, e)
@@ -231,6 +257,10 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service, token=self.token)
+
+    def info(self) -> dict:
+        """This replica: process id and cache file (for logs and fault drills)."""
+        return {"pid": os.getpid(), "cache": str(self.service.store.path)}
 
 
 def build_app(replicas_min: int = 1, replicas_max: int = 1, gpus_per_replica: float = 0.0,

@@ -22,9 +22,9 @@ from playwright.sync_api import expect
 from ray import serve
 
 from backend.analyses import AnalysisRequest
-from backend.errors import AtlasError
+from backend.errors import AtlasError, JobInterrupted, WorkerUnavailable
 from backend.methods.hooks import attention_implementation
-from backend.serving.client import WorkerClient
+from backend.serving.client import STATUS_TIMEOUT_S, WorkerClient
 from backend.serving.ray_serve import APP_NAME, build_app
 from backend.store import Store
 # The browser's launch options (Debian's chromium) and the app server, as in tests/e2e.
@@ -61,11 +61,13 @@ class RayWorker:
         """Each model-worker replica's info (id, pid, models, its jobs' states); they answer
         between jobs."""
         handle = serve.get_deployment_handle("ModelWorker", app_name=APP_NAME)
-        # On a thread of its own: a handle's sync calls refuse a thread whose event loop runs
-        # (the browser tests' Playwright leaves one on the main thread).
-        with ThreadPoolExecutor(1) as thread:
-            infos = thread.submit(lambda: handle.broadcast("info").results()).result()
-        return sorted(infos, key=lambda r: r["replica"])
+        return sorted(_own_thread(lambda: handle.broadcast("info").results()),
+                      key=lambda r: r["replica"])
+
+    @staticmethod
+    def ingress_pid() -> int:
+        handle = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
+        return _own_thread(lambda: handle.info.remote().result())["pid"]
 
     def env(self) -> dict[str, str]:
         """The environment of a client process (the app): its own cache folder, never used."""
@@ -73,6 +75,13 @@ class RayWorker:
 
     def jobs(self) -> int:
         return sum(len(r["jobs"]) for r in self.replicas())
+
+
+def _own_thread(call):
+    """call() on a thread of its own: a handle's sync calls refuse a thread whose event loop
+    runs (the browser tests' Playwright leaves one on the main thread)."""
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(call).result()
 
 
 @pytest.fixture(scope="module")
@@ -185,15 +194,20 @@ def test_cancel_stops_the_job_on_its_replica(ray_worker):
 def test_a_replica_killed_mid_job_is_retried_on_another(ray_worker):
     client = ray_worker.client
     killed: list[int] = []
+    after: set[int] = set()  # replica processes the job reported from after the kill
 
     def kill_its_replica(status) -> None:
-        if not killed and status.stage.startswith("Running the model"):
-            killed.append(status.detail["replica_pid"])
-            os.kill(killed[0], signal.SIGKILL)
+        pid = status.detail.get("replica_pid")
+        if killed:
+            after.add(pid)
+        elif status.stage.startswith("Running the model"):
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
 
     aid = follow(client, AnalysisRequest.make("attention", "smollm2", LONG_TEXT),
                  on_status=kill_its_replica)
     assert killed, "the job ended before its replica could be killed"
+    assert after - {None, killed[0]}, "no other replica ran the job after the kill"
     ray_worker.committed.add(aid)
     record = client.analysis(aid)
     assert record.text == LONG_TEXT and record.meta["n_layers"] == 30
@@ -260,6 +274,114 @@ def test_a_job_whose_replicas_die_twice_fails_with_a_message(ray_worker):
                                                        LONG_TEXT + " Twice."),
                on_status=kill_each_replica)
     assert len(killed) == 2 and "submit it again" in str(error.value)
+
+
+def _killed_ingress(ray_worker, job_id: str) -> JobInterrupted:
+    """kill -9 of the ingress, then what polling `job_id` gives: "unavailable", within seconds
+    each time (what the app shows), while Serve starts a new ingress on the same cache, then
+    that the job was interrupted."""
+    client, killed = ray_worker.client, ray_worker.ingress_pid()
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        began = time.monotonic()
+        try:
+            client.job_status(job_id)  # (answered by the killed one before it was gone)
+        except WorkerUnavailable:
+            pass
+        except JobInterrupted as e:
+            assert ray_worker.ingress_pid() != killed
+            return e
+        # the client's status timeout and its retries, with room for a loaded machine
+        assert time.monotonic() - began < STATUS_TIMEOUT_S + 5, "a poll hung"
+        time.sleep(0.05)
+    raise AssertionError("no new ingress")
+
+
+def _loads_as_before(client: WorkerClient, analyses: dict[str, tuple]) -> None:
+    """Each analysis's record and a sample of its arrays, read again, equal what was read
+    before."""
+    for aid, (record, names, arrays) in analyses.items():
+        loaded = client.analysis(aid)
+        assert (loaded.kind, loaded.text, loaded.meta) == (record.kind, record.text, record.meta)
+        assert client.array_names(aid) == names
+        for name, values in arrays.items():
+            np.testing.assert_array_equal(client.array(aid, name), values)
+
+
+def _read(client: WorkerClient, aids) -> dict[str, tuple]:
+    """aid -> (record, array names, {name: array} of its first and last array)."""
+    read = {}
+    for aid in aids:
+        names = client.array_names(aid)
+        read[aid] = (client.analysis(aid), names,
+                     {name: client.array(aid, name) for name in names[:1] + names[-1:]})
+    return read
+
+
+def test_the_ingress_killed_while_it_saves_restarts_on_an_intact_cache(ray_worker):
+    """kill -9 of the ingress, the cache file's only writer, while it writes an analysis."""
+    client = ray_worker.client
+    before = _read(client, ray_worker.committed)
+    request = AnalysisRequest.make("attention", "smollm2", LONG_TEXT + " Saved?")
+    ticket = client.submit(request)
+    deadline = time.monotonic() + 300
+    while (status := client.job_status(ticket.job_id)).stage != "Saving to the cache":
+        assert not status.finished and time.monotonic() < deadline, status
+        time.sleep(0.005)
+    error = _killed_ingress(ray_worker, ticket.job_id)
+    assert "interrupted" in str(error)
+    _loads_as_before(client, before)
+    saved = client.cached(request)
+    if saved is not None:  # the commit made it before the kill: then all of it
+        other = client.run(AnalysisRequest.make("attention", "smollm2", TEXT), timeout=300)
+        assert client.array_names(saved) == client.array_names(other)
+    aid = client.run(request, timeout=300)  # submitted again, as the app does
+    assert client.analysis(aid).text == request.text
+    ray_worker.committed.add(aid)
+
+
+def test_the_ingress_killed_mid_job_keeps_the_rollouts_and_frees_the_replicas(ray_worker):
+    """kill -9 of the ingress while one replica runs a long job and the other samples rollouts
+    that it streams in: the rollouts saved stay saved, the resampling submitted again resumes
+    from them, and the long job stops on its replica (no one reads its stream any more)."""
+    client = ray_worker.client
+    trace = client.run(TRACE, timeout=300)
+    # Every head ablated in turn on about 100 tokens: minutes on this CPU, progress every pass.
+    ablation = client.submit(AnalysisRequest.make(
+        "head_importance", "smollm2", " ".join(LONG_TEXT.split()[:90]), method="ablation"))
+    deadline = time.monotonic() + 300
+    while "replica" not in (status := client.job_status(ablation.job_id)).detail:
+        assert not status.finished and time.monotonic() < deadline, status
+        time.sleep(0.05)
+    busy = status.detail["replica"]
+    params = {**RESAMPLING_PARAMS, "max_new_tokens": 10}  # a pool of its own
+    request = AnalysisRequest.make("ta_resampling", "smollm2", SOLUTION, problem=PROBLEM,
+                                   answer="180", **params)
+    saved = lambda: client.resampling_estimate(trace, **params)  # noqa: E731
+    resampling = client.submit(request)
+    # Killed once the ingress has saved some of the rollouts, while the other replica samples
+    # the rest.
+    while (estimate := saved())["rollouts_saved"] == 0:
+        status = client.job_status(resampling.job_id)
+        assert not status.finished and time.monotonic() < deadline, status
+        time.sleep(0.02)
+    assert not client.job_status(resampling.job_id).finished, "it ended before the kill"
+    assert not client.job_status(ablation.job_id).finished, "it ended before the kill"
+    _killed_ingress(ray_worker, resampling.job_id)
+    with pytest.raises(JobInterrupted):
+        client.job_status(ablation.job_id)
+    # A replica answers between jobs: the ablation's has stopped it, not run it to its end.
+    assert next(r["jobs"] for r in ray_worker.replicas() if r["replica"] == busy)[-1] == \
+        "cancelled"
+    assert saved()["rollouts_saved"] >= estimate["rollouts_saved"]
+    aid = client.run(request, timeout=300)
+    after = saved()
+    # Every rollout saved once: the resumed job sampled only those missing (sampling a saved
+    # one again would have failed it on the rollout table's primary key).
+    assert after["rollouts_saved"] == after["rollouts_total"] and after["forced_to_sample"] == 0
+    ray_worker.committed.add(aid)
+    ray_worker.pools[client.analysis(aid).meta["rollout_pool"]] = 2 * after["rollouts_total"]
 
 
 def test_every_committed_analysis_loads_after_the_service_stops(ray_worker):
