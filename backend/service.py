@@ -82,7 +82,7 @@ class AtlasService(Comparisons):
         # either way the result is saved here, by the cache's only writer.
         self.executor: Executor = executor or analyses.compute
         self.memory = BoundedCache(self.settings.memory_budget_bytes)
-        self.device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = str(pick_device(self.settings))
 
     def ready(self) -> bool:
         """Whether requests can be served: the cache file answers and the worker runs jobs."""
@@ -206,12 +206,17 @@ class AtlasService(Comparisons):
             sentences = []
         return Counter(sentences).most_common(limit)
 
+    def device_name(self) -> str:
+        """Where this service runs models ("cpu", "cuda", ...): what machine-scaled defaults
+        (the long-context probe's) are chosen for."""
+        return self.device
+
     # --- rollout engines (Thought Anchors resampling) ---------------------------------------
     def rollout_engines(self) -> list[dict]:
         """Engines a user may pick, "embedded" first: name, label, kind, device, the defaults
         (paper's on a GPU or endpoint, small on the CPU: `noisy`) and the last measured
         rollouts/s (None before a run)."""
-        return engine_infos(self.settings, str(pick_device(self.settings)))
+        return engine_infos(self.settings, self.device)
 
     def resampling_estimate(self, trace_id: str, engine: str = EMBEDDED,
                             rollouts: int | None = None, chunks=None, **params) -> dict:

@@ -77,7 +77,7 @@ def _probe_id(record, results) -> str | None:
         return linked
     try:
         custom = st.session_state.get("lc_custom")
-        request = (lc.probe_request(record.model, **custom) if custom else results.for_state(
+        request = (lc.probe_request(record.model, device=shared.service().device_name(), **custom) if custom else results.for_state(
             replace(results.state, a=record.id, lc=None)).request("long_context_heads"))
     except Exception as e:  # a refused setting: say so, keep the page
         st.error(str(e))

@@ -45,12 +45,12 @@ def _analysis_at_hand(record) -> None:
     if len(labels) <= CHART_MAX:
         title = f"Layer {layer}, mean of its heads: who attends to whom"
         chart = attention_heatmap(shared.service().attention_matrix(record.id, layer, None),
-                                  labels, labels, size=340)
+                                  labels, labels, size=300)
     else:
         title = f"Layer {layer}, mean of its heads, in blocks"
         overview = shared.service().attention_overview(record.id, layer, None, CHART_MAX)
         chart = binned_heatmap(overview.values, overview.query_edges, overview.key_edges,
-                               labels, size=340)
+                               labels, size=300)
     with chart_column:
         # The title outside the chart: Vega would label the chart "Title text …", which
         # locating the sidebar's "Text" box by its label would then also find.

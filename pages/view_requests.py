@@ -130,7 +130,8 @@ def long_context_heads(state, service) -> Requests:
         record = service.analysis(state.a)
         yield link_request(record.model, {"lc_lengths": state.lc_lengths or "",
                                           "lc_depths": state.lc_depths or "",
-                                          "lc_passkey": state.lc_passkey or ""})
+                                          "lc_passkey": state.lc_passkey or ""},
+                           service.device_name())
 
 
 REQUESTS = {"overview": attention_only, "explore": attention_only, "head_grid": attention_only,

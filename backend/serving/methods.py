@@ -33,7 +33,7 @@ from backend.service import AtlasService
 
 EXPORTED = (
     # requests and jobs
-    "submit", "cached", "job_status", "job_result", "cancel",
+    "submit", "cached", "job_status", "job_result", "cancel", "device_name",
     # results of any kind
     "analysis", "recent", "array_names", "array",
     # attention views: windows, rows, overviews, rollout
