@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import streamlit as st
 
 from backend.analyses import AnalysisRequest
@@ -60,5 +62,26 @@ def main() -> None:
         shared.run(navigation)
 
 
-if __name__ == "__main__":  # as `streamlit run app.py` runs it
-    main()
+def serve(streamlit_args: list[str]) -> int:
+    """`streamlit run app.py` in this process, once this module's imports and the charts' are
+    done: torch and the model code behind the analysis kinds take seconds to import, which the
+    first visitor would otherwise spend waiting for a chart (Streamlit runs the script in this
+    same process, so nothing is imported again)."""
+    import importlib
+    import pkgutil
+
+    from streamlit.web import cli
+
+    import viz
+
+    for chart in pkgutil.iter_modules(viz.__path__):
+        if not chart.ispkg:
+            importlib.import_module(f"viz.{chart.name}")
+    sys.argv = ["streamlit", "run", __file__, *streamlit_args]
+    return cli.main()
+
+
+if __name__ == "__main__":
+    if __spec__ is not None:  # `python -m app [streamlit options]` (run_app starts it so)
+        sys.exit(serve(sys.argv[1:]))
+    main()  # as `streamlit run app.py` runs it: a script, without a module spec

@@ -88,15 +88,15 @@ def _load_config(where: str | Path):
 
 def _hub_folder(source: ModelSource, local_only: bool = False) -> Path | None:
     """The hub model's local snapshot, downloaded first if needed (local_only: None when it is
-    not in the local hub cache, without asking the hub)."""
-    from huggingface_hub import snapshot_download
+    not in the local hub cache and could be downloaded, without asking the hub)."""
+    from huggingface_hub import constants, snapshot_download
 
     try:
         return Path(snapshot_download(source.ref, local_files_only=local_only, allow_patterns=[
             "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]))
     except Exception as e:  # offline, unknown id, gated repo: all mean "cannot reach"
-        if local_only:
-            return None
+        if local_only and not constants.HF_HUB_OFFLINE:
+            return None  # the job downloads it; an offline server knows at once it cannot
         raise ModelLoadError(
             f"Cannot reach hub model '{source.ref}': {type(e).__name__}. Offline servers can only "
             "load hub models already in the local hub cache."

@@ -67,8 +67,8 @@ class Launcher:
     def start_app(self) -> None:
         env = {**os.environ, "ATLAS_WORKER_URL": self.worker_url}
         self.app = subprocess.Popen(
-            [sys.executable, "-m", "backend.serving.streamlit_process", "app.py",
-             "--server.port", str(self.port), *self.streamlit_args], cwd=REPO_ROOT, env=env)
+            [sys.executable, "-m", "app", "--server.port", str(self.port),
+             *self.streamlit_args], cwd=REPO_ROOT, env=env)
 
     def run(self) -> int:
         if self.own_worker:
