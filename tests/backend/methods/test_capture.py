@@ -165,11 +165,13 @@ def test_custom_reduce_result_is_returned_per_layer_and_hooks_are_removed(minilm
         assert mean.shape == (ids.shape[1], ids.shape[1])
         np.testing.assert_allclose(mean.numpy(), full[layer].astype(np.float32).mean(0),
                                    atol=1e-3)
-    assert [dict(m._forward_hooks) for m in modules] == before == [{}] * 6
+    # transformers keeps its own output-capturing hooks once a test has asked for attentions
+    assert [dict(m._forward_hooks) for m in modules] == before
 
 
 def test_hooks_are_removed_when_reduce_fails(minilm):
     modules = [m for m, _ in attention_modules(minilm.model)]
+    before = [dict(m._forward_hooks) for m in modules]
 
     def broken(layer, weights):
         if layer == 2:
@@ -178,7 +180,7 @@ def test_hooks_are_removed_when_reduce_fails(minilm):
 
     with pytest.raises(RuntimeError, match="reducer failed"):
         capture_attention(minilm.model, _ids(minilm), reduce=broken)
-    assert all(not m._forward_hooks for m in modules)
+    assert [dict(m._forward_hooks) for m in modules] == before
 
 
 def test_progress_reports_every_layer_in_order(smollm2):
