@@ -57,3 +57,10 @@ def test_draws_stay_in_the_nucleus_of_random_bfloat16_logits():
     # A row's draw depends on the seed and the row alone.
     assert (draws(logits[:4], 0.8, 0.9) == drawn[:4]).all()
     assert (draws(logits[:4], 0.8, 0.9, seed=5) != drawn[:4]).any()
+
+
+def test_masked_tokens_never_come_even_with_top_p_one():
+    logits = torch.zeros(20, 300)
+    logits[:, 100:] = float("-inf")  # a model's masked tokens
+    drawn = draws(logits, 1.0, 1.0)
+    assert drawn.max() < 100 and len(set(drawn.tolist())) > 10
