@@ -29,7 +29,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_probs, order = probs.topk(min(TOP_CANDIDATES, probs.shape[-1]), dim=-1)
     threshold = nucleus_threshold(sorted_probs, top_p)
-    if bool((sorted_probs[:, -1] >= threshold).any()):  # the nucleus may go on: rank them all
+    if sorted_probs.shape[-1] < probs.shape[-1] and bool((sorted_probs[:, -1] >= threshold).any()):
+        # the nucleus may go on past the ranked tokens: rank them all
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         threshold = nucleus_threshold(sorted_probs, top_p)
     kept = sorted_probs.masked_fill(sorted_probs < threshold[:, None], 0.0)

@@ -1,8 +1,8 @@
 """Top-p sampling of one token per row in one Triton kernel, with no sort of the vocabulary.
 
-A nucleus of near-uniform logits (any model early in a long rollout, every randomly initialised
-one) holds most of the vocabulary, so the sort-based sampler sorts (row, vocab) at every step,
-which costs more than the model's whole decoding step on a GPU. Here each program takes one row:
+A nucleus of near-uniform logits (a model unsure of its next token, every randomly initialised
+one) holds most of the vocabulary, so a sort-based sampler sorts (row, vocab) at every step,
+which costs a third of the model's own decoding step on a GPU. Here each program takes one row:
 the nucleus threshold is found by bisection over the logits' order-preserving integer keys (each
 step one pass summing the mass at or above a candidate key), then one pass draws the token by
 the Gumbel-max rule among the tokens at or above it, which samples them in proportion to their
