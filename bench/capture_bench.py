@@ -1,11 +1,12 @@
 """Long-context capture benchmark: capture vs a plain SDPA forward pass, in one process.
 
-Per length, after a warm-up of each: capture time / plain forward time (the same base model, SDPA attention), peak memory
-above the weights (GPU: allocator peak; CPU: not measured) of both, bytes the analysis stores vs
-full maps (layers x heads x T^2 x 2), and the capture with query and key only (no reductions),
-which is what the reductions cost. Then view latency on the captured data through the service's
-own QKMaps (arrays held in memory instead of DuckDB): the stored overview, a computed 64-bin
-overview of a 4k window, a 256 x 256 tile, one token's row, and the target-token rollout.
+Per length, after a warm-up of each, the best of 3 runs: capture time / plain forward time (the
+same base model, SDPA attention), peak memory above the weights (GPU: allocator peak; CPU: not
+measured) of both, bytes the analysis stores vs full maps (layers x heads x T^2 x 2), and the
+capture with query and key only (no reductions), which is what the reductions cost. Then view
+latency on the captured data through the service's own QKMaps (arrays held in memory instead of
+DuckDB): the stored overview, a computed 64-bin overview of a 4k window, a 256 x 256 tile, one
+token's row, and the target-token rollout.
 
     python -m bench.capture_bench --config qwen2.5-7b --device cuda   # random weights, bf16
     python -m bench.capture_bench --config smollm2 --device cpu       # the packaged model
@@ -61,6 +62,9 @@ class _Arrays:
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+REPEAT = 3  # forward and captures: the best of this many runs each (short ones are host-bound)
 
 
 def _timed(fn, device, repeat=1):
@@ -120,11 +124,12 @@ def main() -> None:
         # which later captures of this length reuse (a first one allocates it: ~0.4 s per GB).
         forward()
         t_first = _timed(lambda: capture_layers(model, ids, layer_reducers), device)[0]
-        t_fwd, _ = _timed(forward, device, repeat=2)
+        t_fwd, _ = _timed(forward, device, repeat=REPEAT)
         m_fwd, _ = _peak(forward, device, weights)
-        t_qk = _timed(lambda: capture_layers(model, ids, None), device)[0]
+        t_qk = _timed(lambda: capture_layers(model, ids, None), device, repeat=REPEAT)[0]
         m_cap, (t_cap, layers) = _peak(lambda: _timed(
-            lambda: capture_layers(model, ids, layer_reducers), device), device, weights)
+            lambda: capture_layers(model, ids, layer_reducers), device, repeat=REPEAT), device,
+            weights)
         arrays = _qk_arrays(layers)
         stored = sum(len(encode_array(a)) for a in arrays.values())
         maps = n_layers * n_heads * n * n * 2

@@ -1,16 +1,20 @@
-"""Fused Triton kernels for the capture on a CUDA GPU: a layer's row log-sum-exps and its
-reductions in two passes over key blocks, as flash attention's forward walks them, emitting
-summaries instead of an output. No (head, query, key) array is ever formed.
+"""Fused Triton kernels for the capture on a CUDA GPU: a layer's output with its row
+log-sum-exps, then its reductions, in two passes over key blocks as flash attention's forward
+walks them. No (head, query, key) array is ever formed.
 
-Pass 1 (`row_lse`): each row's log-sum-exp and maximum logit. Pass 2 (`reduce_layer`): exact
-weights p = exp(s - lse) block by block, pooled into what `BlockMeans` (row sums per key span)
-and `HeadStatistics` (per-row terms, vertical column sums) accumulate. Logits follow eager
-attention and `exact.logits`: q . k accumulated in float32, rounded to the model's dtype, times
-scaling, rounded again. Rules covered: causal or bidirectional, grouped-query attention, sliding
-windows (`supported`); soft-capping and sink logits stay on the plain-torch path.
+Pass 1 (`forward`): the layer's output, as flash attention computes it, with each row's
+log-sum-exp and maximum logit, so the capture costs no pass beyond the forward's own for them.
+Pass 2 (`reduce_layer`): exact weights p = exp(s - lse) block by block, pooled into what
+`BlockMeans` (row sums per key span) and `HeadStatistics` (per-row terms, vertical column sums)
+accumulate. Both passes walk the key blocks wholly inside the mask in a loop of their own,
+without masking (`_full_blocks`), and the edge blocks before and after it with the mask. Logits
+follow eager attention and `exact.logits`: q . k accumulated in float32, rounded to the model's
+dtype, times scaling, rounded again. Rules covered: causal or bidirectional, grouped-query
+attention, sliding windows (`supported`); soft-capping and sink logits stay on the plain-torch
+path.
 
-Shapes: query (head, T, head_dim), key (key_head, T, head_dim), any strides; lse (head, T).
-"""
+Shapes: query (head, T, head_dim), key and value (key_head, T, head_dim), any strides; lse
+(head, T)."""
 
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ from backend.methods.reductions import ROW_TERMS, BlockMeans, HeadStatistics, sp
 from backend.triton_runtime import INTERPRETED, loop_bound
 
 # (rows, keys, warps, stages) per program of each pass, tuned on an H200 (bf16, head_dim 128).
-LSE_BLOCKS = (128, 128, 8, 2)
+FORWARD_BLOCKS = (64, 64, 4, 3)
 REDUCE_BLOCKS = (128, 64, 4, 2)
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): one fused multiply-add
 MASKED = tl.constexpr(-1e30)  # pass 2's masked logit: p = 0 and p (lse - s) = 0, not NaN
 
 
@@ -52,20 +57,6 @@ def _allowed(distance, rows, cols, T, window, CAUSAL: tl.constexpr, WINDOW: tl.c
 
 
 @triton.jit
-def _partial(q_lo, k_lo, T, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Whether some (row, key) of the block is masked (most blocks need no mask at all)."""
-    top = q_lo + BLOCK_M - 1 - k_lo  # largest row - key distance in the block
-    bottom = q_lo - (k_lo + BLOCK_N - 1)  # smallest
-    partial = (q_lo + BLOCK_M > T) | (k_lo + BLOCK_N > T)
-    if CAUSAL:
-        partial |= bottom < 0
-    if WINDOW:
-        partial |= (top >= window) | (-bottom >= window)
-    return partial
-
-
-@triton.jit
 def _key_range(q_lo, q_hi, T, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                BLOCK_N: tl.constexpr):
     """The key blocks queries [q_lo, q_hi) can see at all (`AttentionRule.key_range`)."""
@@ -85,34 +76,145 @@ def _key_range(q_lo, q_hi, T, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr
 
 
 @triton.jit
-def _lse_kernel(Q, K, T, group, scaling, window,
-                stride_qh, stride_qt, stride_qd, stride_kh, stride_kt, stride_kd, LSE, MAX,
-                D: tl.constexpr, DP: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _full_blocks(q_lo, start, last, T, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) inside [start, last): the key blocks none of whose (row, key) pairs is masked
+    (all rows and keys inside the input, every distance row - key inside the rule), so that
+    the loop over them needs no mask; the blocks before and after are the edges."""
+    lo = start
+    hi = (T // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(hi, ((q_lo + 1) // BLOCK_N) * BLOCK_N)
+    if WINDOW:  # every distance row - key of the block below the window
+        lo = tl.maximum(lo, tl.cdiv(q_lo + BLOCK_M - window, BLOCK_N) * BLOCK_N)
+        if not CAUSAL:
+            hi = tl.minimum(hi, ((q_lo + window) // BLOCK_N) * BLOCK_N)
+    if q_lo + BLOCK_M > T:  # rows past the end: every block masks them
+        hi = lo
+    lo = tl.minimum(lo, last)
+    return lo, tl.minimum(tl.maximum(hi, lo), last)
+
+
+@triton.jit
+def _part(part: tl.constexpr, start, lo, hi, last):
+    """The key blocks [k_start, k_stop) of part 0 (the edge before `_full_blocks`), 1 (the
+    blocks inside the mask) or 2 (the edge after)."""
+    if part == 0:
+        return start, lo
+    elif part == 1:
+        return lo, hi
+    else:
+        return hi, last
+
+
+@triton.jit
+def _forward_step(q, K, k_base, v_base, k_lo, rows, d, dv, T, window, stride_kt, stride_kd,
+                  stride_vt, stride_vd, scaling, m, total, acc, D: tl.constexpr,
+                  DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                  PRECISION: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of the flash attention loop: the running maximum m, sum and output."""
+    cols = k_lo + tl.arange(0, BLOCK_N)
+    s = _logits(q, K, k_base, cols, d, T, stride_kt, stride_kd, scaling, D, PRECISION)
+    if MASK:
+        distance = rows[:, None] - cols[None, :]
+        s = tl.where(_allowed(distance, rows, cols, T, window, CAUSAL, WINDOW), s,
+                     float("-inf"))
+    new = tl.maximum(m, tl.max(s, 1))
+    safe = tl.where(new == float("-inf"), 0.0, new)  # a row with no key seen yet
+    alpha = tl.math.exp2((m - safe) * LOG2E)  # exactly 1 while the maximum holds
+    p = tl.math.exp2(s * LOG2E - (safe * LOG2E)[:, None])
+    v = tl.load(v_base + cols[:, None] * stride_vt + dv[None, :] * stride_vd,
+                mask=(cols[:, None] < T) & (dv[None, :] < DV), other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return new, total * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _forward_kernel(Q, K, T, group, scaling, window,
+                    stride_qh, stride_qt, stride_qd, stride_kh, stride_kt, stride_kd,
+                    V, stride_vh, stride_vt, stride_vd, O, stride_ot, stride_oh, LSE, MAX,
+                    D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The layer's output o = softmax(s) v as flash attention computes it (running maximum,
+    weights cast to v's dtype before the product, as eager casts them), and each row's
+    log-sum-exp and maximum logit of the rounded logits."""
     head = tl.program_id(1)
     q_lo = tl.program_id(0) * BLOCK_M
     rows = q_lo + tl.arange(0, BLOCK_M)
     d = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
     q = tl.load(Q + head * stride_qh + rows[:, None] * stride_qt + d[None, :] * stride_qd,
                 mask=(rows[:, None] < T) & (d[None, :] < D), other=0.0)
     k_base = (head // group) * stride_kh
+    v_base = V + (head // group) * stride_vh
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DVP], tl.float32)
     start, last = _key_range(q_lo, q_lo + BLOCK_M, T, window, CAUSAL, WINDOW, BLOCK_N)
-    for k_lo in range(loop_bound(start), loop_bound(last), BLOCK_N):
-        cols = k_lo + tl.arange(0, BLOCK_N)
-        s = _logits(q, K, k_base, cols, d, T, stride_kt, stride_kd, scaling, D, PRECISION)
-        if _partial(q_lo, k_lo, T, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N):
-            distance = rows[:, None] - cols[None, :]
-            s = tl.where(_allowed(distance, rows, cols, T, window, CAUSAL, WINDOW), s,
-                         float("-inf"))
-        new = tl.maximum(m, tl.max(s, 1))
-        safe = tl.where(new == float("-inf"), 0.0, new)  # a row with no key seen yet
-        total = total * tl.exp(m - safe) + tl.sum(tl.exp(s - safe[:, None]), 1)
-        m = new
+    lo, hi = _full_blocks(q_lo, start, last, T, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    for part in tl.static_range(3):  # the edge before, the blocks inside the mask, the edge after
+        k_start, k_stop = _part(part, start, lo, hi, last)
+        for k_lo in range(loop_bound(k_start), loop_bound(k_stop), BLOCK_N):
+            m, total, acc = _forward_step(q, K, k_base, v_base, k_lo, rows, d, dv, T, window,
+                                          stride_kt, stride_kd, stride_vt, stride_vd, scaling,
+                                          m, total, acc, D, DV, CAUSAL, WINDOW, PRECISION,
+                                          part != 1, BLOCK_N)
     out = head * T + rows
     tl.store(LSE + out, m + tl.log(total), mask=rows < T)
     tl.store(MAX + out, m, mask=rows < T)
+    tl.store(O + rows[:, None] * stride_ot + head * stride_oh + dv[None, :],
+             (acc / total[:, None]).to(O.dtype.element_ty),
+             mask=(rows[:, None] < T) & (dv[None, :] < DV))
+
+
+@triton.jit
+def _reduce_step(q, K, k_base, k_lo, rows, d, lse, lse2, T, window, stride_kt, stride_kd,
+                 scaling, q_lo, q_hi, head, local, chunk, SPAN, SPAN_LO, SPAN_HI, SPAN_ONE,
+                 ROW_SUMS, n_spans, VERTICAL, near, prox, entropy, mass, first, previous,
+                 itself, near_mass, near_dist, D: tl.constexpr, CAUSAL: tl.constexpr,
+                 WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCKS: tl.constexpr,
+                 STATS: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of pass 2: row sums per key span into ROW_SUMS, column sums into
+    VERTICAL, and the per-row terms carried from block to block."""
+    cols = k_lo + tl.arange(0, BLOCK_N)
+    s = _logits(q, K, k_base, cols, d, T, stride_kt, stride_kd, scaling, D, PRECISION)
+    distance = rows[:, None] - cols[None, :]
+    if MASK:
+        s = tl.where(_allowed(distance, rows, cols, T, window, CAUSAL, WINDOW), s, MASKED)
+    p = tl.math.exp2(s * LOG2E - lse2[:, None])
+    row = tl.sum(p, 1)
+    if BLOCKS:
+        block = k_lo // BLOCK_N
+        one = tl.load(SPAN_ONE + block)
+        if one >= 0:  # every key of the block in one span
+            out = ROW_SUMS + (head * n_spans + one) * chunk + local
+            tl.store(out, tl.load(out, mask=rows < T, other=0.0) + row, mask=rows < T)
+        else:
+            span = tl.load(SPAN + cols, mask=cols < T, other=-1)
+            for b in range(loop_bound(tl.load(SPAN_LO + block)),
+                           loop_bound(tl.load(SPAN_HI + block)) + 1):
+                out = ROW_SUMS + (head * n_spans + b) * chunk + local
+                part = tl.sum(tl.where(span[None, :] == b, p, 0.0), 1)
+                tl.store(out, tl.load(out, mask=rows < T, other=0.0) + part, mask=rows < T)
+    if STATS:
+        entropy += tl.sum(p * (lse[:, None] - s), 1)  # -p log p, log p = s - lse
+        mass += row
+        if k_lo == 0:
+            first += tl.sum(tl.where(cols[None, :] == 0, p, 0.0), 1)
+        if (k_lo < q_hi + near) & (k_lo + BLOCK_N > q_lo - near):
+            previous += tl.sum(tl.where(distance == 1, p, 0.0), 1)
+            itself += tl.sum(tl.where(distance == 0, p, 0.0), 1)
+            close = tl.where(tl.abs(distance) < near, p, 0.0)
+            near_mass += tl.sum(close, 1)
+            near_dist += tl.sum(close * tl.abs(distance).to(tl.float32), 1)
+        if k_lo + BLOCK_N - 1 <= q_lo - prox:  # every row far enough from every key
+            tl.atomic_add(VERTICAL + head * T + cols, tl.sum(p, 0), mask=cols < T,
+                          sem="relaxed")
+        elif k_lo <= q_hi - 1 - prox:
+            column = tl.sum(tl.where(distance >= prox, p, 0.0), 0)
+            tl.atomic_add(VERTICAL + head * T + cols, column, mask=cols < T, sem="relaxed")
+    return entropy, mass, first, previous, itself, near_mass, near_dist
 
 
 @triton.jit
@@ -133,6 +235,7 @@ def _reduce_kernel(Q, K, T, group, scaling, window,
     q = tl.load(Q + head * stride_qh + rows[:, None] * stride_qt + d[None, :] * stride_qd,
                 mask=(rows[:, None] < T) & (d[None, :] < D), other=0.0)
     lse = tl.load(LSE + head * T + rows, mask=rows < T, other=0.0)
+    lse2 = lse * LOG2E
     k_base = (head // group) * stride_kh
     entropy = tl.zeros([BLOCK_M], tl.float32)
     mass = tl.zeros([BLOCK_M], tl.float32)
@@ -142,45 +245,17 @@ def _reduce_kernel(Q, K, T, group, scaling, window,
     near_mass = tl.zeros([BLOCK_M], tl.float32)
     near_dist = tl.zeros([BLOCK_M], tl.float32)
     start, last = _key_range(q_lo, q_hi, T, window, CAUSAL, WINDOW, BLOCK_N)
-    for k_lo in range(loop_bound(start), loop_bound(last), BLOCK_N):
-        cols = k_lo + tl.arange(0, BLOCK_N)
-        s = _logits(q, K, k_base, cols, d, T, stride_kt, stride_kd, scaling, D, PRECISION)
-        distance = rows[:, None] - cols[None, :]
-        if _partial(q_lo, k_lo, T, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N):
-            s = tl.where(_allowed(distance, rows, cols, T, window, CAUSAL, WINDOW), s, MASKED)
-        p = tl.exp(s - lse[:, None])
-        row = tl.sum(p, 1)
-        if BLOCKS:
-            block = k_lo // BLOCK_N
-            one = tl.load(SPAN_ONE + block)
-            if one >= 0:  # every key of the block in one span
-                out = ROW_SUMS + (head * n_spans + one) * chunk + local
-                tl.store(out, tl.load(out, mask=rows < T, other=0.0) + row, mask=rows < T)
-            else:
-                span = tl.load(SPAN + cols, mask=cols < T, other=-1)
-                for b in range(loop_bound(tl.load(SPAN_LO + block)),
-                               loop_bound(tl.load(SPAN_HI + block)) + 1):
-                    out = ROW_SUMS + (head * n_spans + b) * chunk + local
-                    part = tl.sum(tl.where(span[None, :] == b, p, 0.0), 1)
-                    tl.store(out, tl.load(out, mask=rows < T, other=0.0) + part, mask=rows < T)
-        if STATS:
-            entropy += tl.sum(p * (lse[:, None] - s), 1)  # -p log p, log p = s - lse
-            mass += row
-            if k_lo == 0:
-                first += tl.sum(tl.where(cols[None, :] == 0, p, 0.0), 1)
-            if (k_lo < q_hi + near) & (k_lo + BLOCK_N > q_lo - near):
-                previous += tl.sum(tl.where(distance == 1, p, 0.0), 1)
-                itself += tl.sum(tl.where(distance == 0, p, 0.0), 1)
-                close = tl.where(tl.abs(distance) < near, p, 0.0)
-                near_mass += tl.sum(close, 1)
-                near_dist += tl.sum(close * tl.abs(distance).to(tl.float32), 1)
-            if k_lo + BLOCK_N - 1 <= q_lo - prox:  # every row far enough from every key
-                tl.atomic_add(VERTICAL + head * T + cols, tl.sum(p, 0), mask=cols < T,
-                              sem="relaxed")
-            elif k_lo <= q_hi - 1 - prox:
-                column = tl.sum(tl.where(distance >= prox, p, 0.0), 0)
-                tl.atomic_add(VERTICAL + head * T + cols, column, mask=cols < T, sem="relaxed")
-    if STATS:  # rows of reductions.ROW_TERMS; confidence's (5) comes from pass 1
+    lo, hi = _full_blocks(q_lo, start, last, T, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    for part in tl.static_range(3):  # the edge before, the blocks inside the mask, the edge after
+        k_start, k_stop = _part(part, start, lo, hi, last)
+        for k_lo in range(loop_bound(k_start), loop_bound(k_stop), BLOCK_N):
+            entropy, mass, first, previous, itself, near_mass, near_dist = _reduce_step(
+                q, K, k_base, k_lo, rows, d, lse, lse2, T, window, stride_kt, stride_kd,
+                scaling, q_lo, q_hi, head, local, chunk, SPAN, SPAN_LO, SPAN_HI, SPAN_ONE,
+                ROW_SUMS, n_spans, VERTICAL, near, prox, entropy, mass, first, previous, itself,
+                near_mass, near_dist, D, CAUSAL, WINDOW, PRECISION, BLOCKS, STATS, part != 1,
+                BLOCK_N)
+    if STATS:  # rows of reductions.ROW_TERMS; confidence's (5) comes from the forward pass
         out = TERMS + head * chunk + local
         step = n_heads * chunk
         tl.store(out, previous, mask=rows < T)
@@ -215,13 +290,19 @@ def _launch(kernel, blocks, q: torch.Tensor, k: torch.Tensor, rule: AttentionRul
         BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags)
 
 
-def row_lse(q: torch.Tensor, k: torch.Tensor, rule: AttentionRule) -> tuple[torch.Tensor,
-                                                                            torch.Tensor]:
-    """(head, T) float32 log-sum-exp and maximum logit of every row."""
-    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            rule: AttentionRule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's output (T, head, value_dim) in v's dtype, and (head, T) float32 log-sum-exp
+    and maximum logit of every row. v: (key_head, T, value_dim)."""
+    n_heads, n_tokens, _ = q.shape
+    value_dim = v.shape[-1]
+    out = torch.empty(n_tokens, n_heads, value_dim, dtype=v.dtype, device=q.device)
+    lse = torch.empty(n_heads, n_tokens, dtype=torch.float32, device=q.device)
     top = torch.empty_like(lse)
-    _launch(_lse_kernel, LSE_BLOCKS, q, k, rule, lse, top)
-    return lse, top
+    _launch(_forward_kernel, FORWARD_BLOCKS, q, k, rule, v, *v.stride(), out, out.stride(0),
+            out.stride(1), lse, top, DV=value_dim,
+            DVP=max(16, triton.next_power_of_2(value_dim)))
+    return out, lse, top
 
 
 @lru_cache(maxsize=16)

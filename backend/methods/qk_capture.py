@@ -7,9 +7,10 @@ each chunk) and keeps what views need: query and key after position encoding in 
 (`exact.AttentionRule`) and the results of reducers fed with exact weights a chunk of queries at
 a time. Any exact weight is recomputed later from these by `exact.weights`.
 
-On a CUDA GPU with Triton, the log-sum-exps and the reductions of layers the kernels cover
-(`attention_kernels.supported`) come from two fused passes over key blocks instead of the
-chunk loop; the results are the same weights' (tests/backend/methods/test_fused_capture.py).
+On a CUDA GPU with Triton, a layer the kernels cover (`attention_kernels.supported`) takes two
+fused passes over key blocks instead of SDPA and the chunk loop: one for the output with the
+log-sum-exps, one for the reductions; the results are the same weights'
+(tests/backend/methods/test_fused_capture.py).
 
 A layer whose mask is not one the rule describes (a position bias added to the scores, another
 window shape) or a model whose attention does not go through transformers' attention interface
@@ -193,19 +194,19 @@ class LayerRecorder:
         fused = self.kernels if self.kernels is not None else (
             q.is_cuda and not attention_kernels.INTERPRETED)
         if fused and attention_kernels.supported(rule, reducers, q):
-            lse, top = attention_kernels.row_lse(q, k, rule)
+            output, lse, top = attention_kernels.forward(q, k, v, rule)
             if reducers:
                 attention_kernels.reduce_layer(q, k, lse, top, rule, reducers)
-            output = None
+            out = output[None]
         else:
             lse, output = self._chunks(q, k, v, rule, reducers)
-        if output is None:
-            extra = {k: v for k, v in kwargs.items() if k not in ("sliding_window",)}
-            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                            dropout=0.0, scaling=scaling, is_causal=is_causal,
-                                            **extra)
-        else:
-            out = output.transpose(0, 1)[None]
+            if output is None:
+                extra = {k: v for k, v in kwargs.items() if k not in ("sliding_window",)}
+                out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                                dropout=0.0, scaling=scaling,
+                                                is_causal=is_causal, **extra)
+            else:
+                out = output.transpose(0, 1)[None]
         kept = self._host(q, k) if self.keep_qk else (None, None)
         self.layers.append(LayerCapture(rule, lse, *kept, reducers))
         if self.progress:

@@ -24,6 +24,7 @@ from backend.methods.heads.roles import LOCALITY_WINDOW, ROLE_NAMES, kurtosis_of
 from backend.methods.thought_anchors.receivers import PROXIMITY_IGNORE
 
 
+STACKED_BYTES = 1 << 28  # BlockMeans.results stacks layers' sums up to this size at a time
 MATMUL_SPANS = 512  # up to this many key spans, block sums are one product with a 0/1 matrix
 # Per-row terms (head, query) that HeadStatistics.add_terms sums, in this order: the first six
 # give the totals of ROLE_NAMES[:-1] (near_mass's row is turned into locality's), the last two
@@ -139,19 +140,29 @@ class BlockMeans:
     @staticmethod
     def results(blocks: list["BlockMeans"]) -> list[np.ndarray]:
         """result() of each: means on the device in float32 (half the bytes of the float64
-        sums), copied to the host at once."""
-        means = []
-        for b in blocks:
-            sizes = torch.as_tensor(np.diff(b.q_spans)[:, 0][:, None]
-                                    * np.diff(b.k_spans)[:, 0][None, :]).to(b.device)
-            mean = b.sums[:, :-1] / sizes  # the last query span: rows outside every span
-            means.append(torch.where(sizes > 0, mean, torch.nan).float())
-        host = torch.cat([m.flatten() for m in means]).cpu().numpy()
-        out, offset = [], 0
-        for m in means:
-            out.append(host[offset:offset + m.numel()].reshape(m.shape))
-            offset += m.numel()
-        return out
+        sums), those of the same spans (the layers of one capture) stacked, so that a capture
+        takes a few launches and one copy to the host, not a few per layer."""
+        def alike(group):
+            b = group[0]
+            sizes = _block_sizes(b.q_spans.tobytes(), b.k_spans.tobytes(), torch.device(b.device))
+            out = []
+            step = max(1, STACKED_BYTES // b.sums.nbytes)  # many spans: bounded extra memory
+            for i in range(0, len(group), step):
+                # the last query span holds the rows outside every span
+                sums = torch.stack([g.sums[:, :-1] for g in group[i:i + step]])
+                out += list(torch.where(sizes > 0, sums / sizes, torch.nan).float().cpu().numpy())
+            return out
+        return _grouped(blocks, lambda b: (b.q_spans.tobytes(), b.k_spans.tobytes(),
+                                           str(b.device)), alike)
+
+
+@lru_cache(maxsize=16)
+def _block_sizes(q_spans: bytes, k_spans: bytes, device: torch.device) -> torch.Tensor:
+    """(query span, key span) rows x columns of each block, on the device (cached: every layer
+    has the same)."""
+    rows = np.diff(np.frombuffer(q_spans, dtype=np.int64).reshape(-1, 2))
+    cols = np.diff(np.frombuffer(k_spans, dtype=np.int64).reshape(-1, 2))
+    return torch.as_tensor(rows * cols.T).to(device)
 
 
 @lru_cache(maxsize=16)

@@ -117,7 +117,10 @@ def test_16bit_kernels_round_logits_as_eager_does():
     """In 16 bits both paths round q . k to the model's dtype before the softmax, as eager does;
     they differ only where float32 sums taken in another order round to another 16-bit value."""
     torch.manual_seed(1)
-    model = LlamaForCausalLM(LlamaConfig(**{**SMALL, "head_dim": 64})).eval().to(DEVICE, HALF)
+    # one layer: both paths then see the same query and key (from the second layer on, the
+    # kernel's output and SDPA's differ by 16-bit rounding, and so do the later layers' inputs)
+    model = LlamaForCausalLM(LlamaConfig(**{**SMALL, "head_dim": 64, "num_hidden_layers": 1})
+                             ).eval().to(DEVICE, HALF)
     ids = torch.randint(3, 97, (1, 1000 if DEVICE == "cuda" else 300), device=DEVICE)
     fused = capture_layers(model, ids, _reducers, kernels=True)
     plain = capture_layers(model, ids, _reducers, kernels=False)
@@ -129,3 +132,27 @@ def test_16bit_kernels_round_logits_as_eager_does():
         for role in a.reductions[1]:
             np.testing.assert_allclose(a.reductions[1][role], b.reductions[1][role], rtol=1e-4,
                                        atol=1e-5, err_msg=role)
+
+
+@pytest.mark.parametrize("rule", [exact.AttentionRule(0.3, True), exact.AttentionRule(0.3, False),
+                                  exact.AttentionRule(0.3, True, 37),
+                                  exact.AttentionRule(0.3, False, 37),
+                                  exact.AttentionRule(0.3, True, 200),
+                                  exact.AttentionRule(0.3, False, 200)],
+                         ids=["causal", "bidirectional", "causal-window", "window",
+                              "causal-wide-window", "wide-window"])
+def test_the_forward_kernel_gives_eager_output_and_row_statistics(rule):
+    """Output = eager's weights times value (grouped-query heads, a value width other than the
+    query's); lse and the maximum are those of the rounded logits. 400 tokens: blocks wholly
+    inside the mask (windows wider than a block), edges and rows past the end."""
+    n = 400
+    generator = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(heads, n, 16, generator=generator).to(DEVICE) for heads in (4, 2))
+    v = torch.randn(2, n, 24, generator=generator).to(DEVICE)
+    output, lse, top = qk_capture.attention_kernels.forward(q, k, v, rule)
+    logits = exact.logits(q, k, rule, slice(0, n), slice(0, n))
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1), atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(top, logits.amax(-1), atol=1e-6, rtol=1e-6)
+    eager = torch.softmax(logits, -1) @ exact.expand_heads(v, None, 4)
+    assert output.shape == (n, 4, 24)
+    torch.testing.assert_close(output.transpose(0, 1), eager, atol=2e-5, rtol=1e-5)
