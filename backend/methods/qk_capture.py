@@ -162,7 +162,7 @@ class LayerRecorder:
         pending = [layer for layer in self.layers if isinstance(layer.lse, torch.Tensor)]
         if not pending:
             return
-        lse = torch.stack([layer.lse for layer in pending]).cpu().numpy()
+        lse = reductions.to_host(torch.stack([layer.lse for layer in pending]))
         done = iter(reductions.results([r for layer in pending for r in layer.reductions]))
         for i, layer in enumerate(pending):
             layer.lse = lse[i]

@@ -58,6 +58,15 @@ def results(reducers: list) -> list:
     return _grouped(reducers, type, compute)
 
 
+def to_host(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor as a host array; from a GPU through pinned memory (a copy to pageable memory
+    runs several times slower, which a short capture feels)."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu().numpy()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor).numpy()
+
+
 def span_index(spans: np.ndarray, n_tokens: int) -> np.ndarray:
     """(token,) the span each token lies in, -1 outside every span."""
     index = np.full(n_tokens, -1)
@@ -150,7 +159,7 @@ class BlockMeans:
             for i in range(0, len(group), step):
                 # the last query span holds the rows outside every span
                 sums = torch.stack([g.sums[:, :-1] for g in group[i:i + step]])
-                out += list(torch.where(sizes > 0, sums / sizes, torch.nan).float().cpu().numpy())
+                out += list(to_host(torch.where(sizes > 0, sums / sizes, torch.nan).float()))
             return out
         return _grouped(blocks, lambda b: (b.q_spans.tobytes(), b.k_spans.tobytes(),
                                            str(b.device)), alike)
@@ -271,7 +280,7 @@ class HeadStatistics:
             counts = (n - torch.arange(n, device=vertical.device) - prox).clamp(min=0)
             vertical = torch.where(counts > 0, vertical / counts, torch.nan)
             parts.append(kurtosis_of_vertical(vertical, prox).flatten())
-        host = torch.cat(parts).cpu().numpy()
+        host = to_host(torch.cat(parts))
         shape, size = totals.shape, totals.numel()
         totals = dict(zip(ROLE_NAMES[:-1], np.moveaxis(
             host[:size].reshape(shape), 1, 0)))  # role -> (layer, head)
