@@ -18,12 +18,11 @@ from backend.memory import BoundedCache
 from backend.methods import exact
 from backend.methods.binning import bin_edges, bin_matrix
 from backend.methods.exact import AttentionRule
+from backend.methods.qk_capture import chunk_rows
 from backend.methods.reductions import ROLE_NAMES, BlockMeans, HeadStatistics
 from backend.methods.rollout import fuse_heads
 from backend.store import AnalysisRecord, Store
 
-CHUNK_BYTES = 1 << 27  # float32 weights recomputed at a time (on a GPU: GPU_CHUNK_BYTES)
-GPU_CHUNK_BYTES = 1 << 30
 
 
 class _Maps:
@@ -44,8 +43,8 @@ class _Maps:
                                 f"{self.n_layers}.")
 
     def chunk(self, n_keys: int) -> int:
-        budget = GPU_CHUNK_BYTES if self.device.type == "cuda" else CHUNK_BYTES
-        return max(1, budget // (4 * self.n_heads * max(n_keys, 1)))
+        """Queries whose weights over n_keys keys are recomputed at a time."""
+        return chunk_rows(self.n_heads, n_keys, self.device)
 
     def key_range(self, layer: int, queries: slice) -> tuple[int, int]:
         """The keys that queries can see at all (every other key has weight 0)."""

@@ -1,13 +1,16 @@
 """Cold start, click latencies and bytes shipped, measured in a real browser on the running app.
 
-    python -m bench.browser_bench [--tokens 1000] [--repeats 5] [--shots DIR] [--cache DIR]
+    python -m bench.browser_bench [--tokens 1000] [--model smollm2] [--repeats 5] [--shots DIR]
+                                  [--cache DIR]
 
 On a fresh cache that set-up (`python -m backend.prepare`) has filled, the app starts as
 `make app` starts it (bench/running_app.py) and Debian's chromium (Playwright, 1,280 x 900)
 opens it as a user would:
 
 - cold start: the app answering -> the first chart drawn on the landing page;
-- a ~1,000-token SmolLM2 analysis is computed through the worker (not timed), then, on Explore:
+- a ~1,000-token analysis (SmolLM2 unless --model; past 8,192 tokens a model of a longer
+  context, such as gemma3-270m, with ATLAS_MAX_TOKENS raised) is computed through the worker
+  (not timed), then, on Explore:
   layer change (a key press on the slider) and head change (a pick in the list) on the overview;
   block zoom (a click on an overview block, to the exact windows around it); cell click (a cell
   of the exact heatmap, to the token's bars, lines and reading view); a layer change in that
@@ -280,8 +283,8 @@ def load_average() -> str:
     return " / ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def report(results: Results, cold_start: float, n: int, loads: list[str]) -> None:
-    print(f"\nSmolLM2, {n:,} tokens cached; {os.cpu_count()} CPU cores; load average "
+def report(results: Results, cold_start: float, model: str, n: int, loads: list[str]) -> None:
+    print(f"\n{model}, {n:,} tokens cached; {os.cpu_count()} CPU cores; load average "
           f"(1 / 5 / 15 min) {loads[0]} before the clicks, {loads[1]} after")
     print(f"\n{'seconds from the action':34}{'median':>7}{'p90':>6}{'runs':>5}{'goal':>12}"
           f"{'run start':>10}{'run end':>8}   CPU s: browser  app worker")
@@ -308,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.browser_bench",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1000)
+    parser.add_argument("--model", default="smollm2")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shots", type=Path, help="save a screenshot of every view here")
     parser.add_argument("--cache", type=Path, help="a cache folder to use and keep (set-up "
@@ -333,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             results.size("Overview (landing)")
             worker = WorkerClient(app.worker_url)
             started = time.monotonic()
-            aid = worker.run(AnalysisRequest.make("attention", "smollm2", text_of(args.tokens)),
+            aid = worker.run(AnalysisRequest.make("attention", args.model, text_of(args.tokens)),
                              timeout=3600)
             n = len(worker.analysis(aid).meta["tokens"])
             print(f"Analysed {n:,} tokens through the worker in "
@@ -344,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             wide = screenshots(session, app.url, {"example": example, f"{n}-tokens": aid},
                                args.shots) if args.shots else None
             browser.close()
-    report(results, cold_start, n, loads)
+    report(results, cold_start, args.model, n, loads)
     if wide is not None:
         print(f"\nScreenshots in {args.shots}; wider than 1,280 px: {', '.join(wide) or 'none'}")
     return 0

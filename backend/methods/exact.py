@@ -84,7 +84,7 @@ def logits(query: torch.Tensor, key: torch.Tensor, rule: AttentionRule, queries:
     k = expand_heads(key, heads, n_heads)[:, keys]
     if dtype is not None:
         q, k = q.to(dtype), k.to(dtype)
-    scores = (torch.matmul(q, k.transpose(1, 2)) * rule.scaling).float()
+    scores = torch.matmul(q, k.transpose(1, 2)).mul_(rule.scaling).float()
     if rule.softcap is not None:
         scores = torch.tanh(scores / rule.softcap) * rule.softcap
     device = scores.device
@@ -104,11 +104,20 @@ def sink_logits(rule: AttentionRule, heads: torch.Tensor | None, n_heads: int,
     return (sinks if heads is None else sinks[heads.to(device)])[:, None, None]
 
 
-def row_lse(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
-    """(head, query) log-sum-exp of whole rows of logits, the sink logit included."""
+def softmax_(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Whole rows of float32 logits (head, query, key) turned into their weights in place, as
+    eager's softmax computes them (exp(s - max) / sum), the sink logit in the sum; returns the
+    rows' (head, query) log-sum-exp. One exp per weight, where logsumexp then exp(s - lse)
+    take two and a copy."""
+    top = scores.amax(-1, keepdim=True)
     if sinks is not None:
-        scores = torch.cat([scores, sinks.expand(-1, scores.shape[1], 1)], dim=-1)
-    return torch.logsumexp(scores, dim=-1)
+        top = torch.maximum(top, sinks)
+    top = torch.where(top.isfinite(), top, 0.0)  # a row with every key masked stays 0 / 0
+    total = scores.sub_(top).exp_().sum(-1, keepdim=True)
+    if sinks is not None:
+        total += torch.exp(sinks - top)
+    scores.div_(total)
+    return (top + total.log())[..., 0]
 
 
 def weights(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, rule: AttentionRule,
@@ -120,7 +129,7 @@ def weights(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, rule: Att
     """
     scores = logits(query, key, rule, queries, keys, heads, dtype)
     row = lse[heads.to(lse.device) if heads is not None else slice(None), queries]
-    return torch.exp(scores - row.to(scores.device)[:, :, None])
+    return scores.sub_(row.to(scores.device)[:, :, None]).exp_()
 
 
 def check_window(n_tokens: int, query: slice, key: slice) -> tuple[slice, slice]:

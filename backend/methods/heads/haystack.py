@@ -202,7 +202,8 @@ class _CopyRecorder:
         if allowed is not None:
             scores = scores.masked_fill(~allowed.to(scores.device), -torch.inf)
         sinks = exact.sink_logits(rule, None, n_heads, scores.device)
-        p = torch.exp(scores - exact.row_lse(scores, sinks)[..., None])[:, 0]  # (head, key)
+        exact.softmax_(scores, sinks)
+        p = scores[:, 0]  # (head, key)
         out = torch.matmul(p[:, None].to(v.dtype), exact.expand_heads(v, None, n_heads))
         self._record(p, self.length - n_keys)
         return out.transpose(0, 1)[None], None  # (1, 1, head, head_dim)

@@ -192,3 +192,20 @@ def test_packaged_models_equal_eager(request, fixture):
         np.testing.assert_allclose(layer.reductions[0], bin_matrix(eager[i].numpy(), 5).values,
                                    atol=1e-6)
     assert lm.model.config._attn_implementation == "eager"
+
+
+def test_softmax_in_place_equals_softmax_with_the_sink_column():
+    """exact.softmax_ against torch's softmax and logsumexp over the row with the sink logit
+    appended as one more key (gpt-oss's definition), masked keys and a wholly masked row too."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 9) * 4
+    logits[:, :, 6:] = -torch.inf  # masked keys
+    logits[1, 2] = -torch.inf  # a row that sees no key
+    sinks = torch.tensor([0.5, -1.0, 2.0])[:, None, None]
+    for sink in (None, sinks):
+        extended = logits if sink is None else torch.cat(
+            [logits, sink.expand(-1, logits.shape[1], 1)], dim=-1)
+        weights = logits.clone()
+        lse = exact.softmax_(weights, sink)
+        torch.testing.assert_close(lse, torch.logsumexp(extended, -1), equal_nan=True)
+        torch.testing.assert_close(weights, torch.softmax(extended, -1)[..., :9], equal_nan=True)
