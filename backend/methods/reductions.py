@@ -111,8 +111,7 @@ class BlockMeans:
     @classmethod
     def binned(cls, n_tokens: int, bins: int, n_heads: int, device) -> "BlockMeans":
         """Blocks of `bin_edges(n_tokens, bins)` on both axes (a binned overview)."""
-        edges = bin_edges(n_tokens, bins)
-        spans = np.stack([edges[:-1], edges[1:]], axis=1)
+        spans = _bin_spans(n_tokens, bins)
         return cls(spans, spans, n_heads, n_tokens, device)
 
     def update(self, q0: int, k0: int, p: torch.Tensor) -> None:
@@ -166,6 +165,15 @@ class BlockMeans:
 
 
 @lru_cache(maxsize=16)
+def _bin_spans(n_tokens: int, bins: int) -> np.ndarray:
+    """(bin, 2) token spans of `bin_edges`, read-only (cached: every layer has the same)."""
+    edges = bin_edges(n_tokens, bins)
+    spans = np.stack([edges[:-1], edges[1:]], axis=1)
+    spans.flags.writeable = False
+    return spans
+
+
+@lru_cache(maxsize=16)
 def _block_sizes(q_spans: bytes, k_spans: bytes, device: torch.device) -> torch.Tensor:
     """(query span, key span) rows x columns of each block, on the device (cached: every layer
     has the same)."""
@@ -175,14 +183,22 @@ def _block_sizes(q_spans: bytes, k_spans: bytes, device: torch.device) -> torch.
 
 
 @lru_cache(maxsize=16)
-def _row_weights(q0: int, rows: int, w: int, device: torch.device) -> torch.Tensor:
-    """(6, 1, rows) float64: the weight of rows q0.. in each total of ROLE_NAMES[:-1] (the
-    positional roles count rows t >= 2, locality rows t >= w, entropy and confidence all).
-    Cached: every layer of a capture has the same."""
+def _term_weights(q0: int, rows: int, w: int, device: torch.device) -> torch.Tensor:
+    """(6, ROW_TERMS x rows) float64: each total of ROLE_NAMES[:-1] as a weighted sum of the
+    per-row terms of rows q0.. (the positional roles count rows t >= 2, locality rows t >= w,
+    entropy and confidence all). Locality, w (row mass - near mass) + near distance, is linear
+    in the terms too, so all totals are one product. Cached: every layer has the same."""
     t = torch.arange(q0, q0 + rows, device=device)
     late, far = (t >= 2).double(), (t >= w).double()
-    every = torch.ones_like(late)
-    return torch.stack([late, late, late, far, every, every])[:, None]
+    weights = torch.zeros(6, len(ROW_TERMS), rows, dtype=torch.float64, device=device)
+    for role, term in enumerate(("previous", "first", "self")):
+        weights[role, ROW_TERMS.index(term)] = late
+    weights[3, ROW_TERMS.index("row_mass")] = w * far
+    weights[3, ROW_TERMS.index("near_mass")] = -w * far
+    weights[3, ROW_TERMS.index("near_dist")] = far
+    weights[4, ROW_TERMS.index("entropy")] = 1.0
+    weights[5, ROW_TERMS.index("confidence")] = 1.0
+    return weights.flatten(1)
 
 
 class HeadStatistics:
@@ -234,16 +250,13 @@ class HeadStatistics:
     def add_terms(self, q0: int, terms: torch.Tensor,
                   vertical: torch.Tensor | None = None) -> None:
         """terms (ROW_TERMS, head, query): per-row terms of rows q0.. (`update` computes them
-        from p; a float64 tensor is overwritten): previous, first, self (weight at key t - 1,
-        0, t), near_mass / near_dist (mass within distance < w, and its sum of weight x
-        distance), entropy, confidence (max weight), row_mass; vertical (head, key): column
-        sums over keys <= t - proximity_ignore, if given. A few launches whatever the chunk:
-        the capture calls this once per layer."""
-        terms = terms.double()
-        # Locality: w (row mass - mass within distance < w) + sum of p |t - k| within it.
-        torch.add(terms[6], terms[7].sub(terms[3]).mul_(self.w), out=terms[3])
-        weights = _row_weights(q0, terms.shape[-1], self.w, terms.device)
-        self.totals += (terms[:6] * weights).sum(-1)
+        from p): previous, first, self (weight at key t - 1, 0, t), near_mass / near_dist (mass
+        within distance < w, and its sum of weight x distance), entropy, confidence (max
+        weight), row_mass; vertical (head, key): column sums over keys <= t - proximity_ignore,
+        if given. Three launches whatever the chunk (the capture calls this once per layer, and
+        a short input's capture is bound by the host's launches)."""
+        weights = _term_weights(q0, terms.shape[-1], self.w, terms.device)
+        self.totals.addmm_(weights, terms.transpose(0, 1).flatten(1).T.double())
         if vertical is not None:
             self.vertical.add_(vertical)  # in float64, as vertical.double() would
 
