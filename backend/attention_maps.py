@@ -24,7 +24,6 @@ from backend.methods.rollout import fuse_heads
 from backend.store import AnalysisRecord, Store
 
 
-
 class _Maps:
     def __init__(self, store: Store, record: AnalysisRecord, cache: BoundedCache, device):
         self.store, self.record, self.cache = store, record, cache
